@@ -1,0 +1,103 @@
+"""One simulated study end to end: data → partition → federated rounds → outputs."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from fedpriv.client import HospitalTrainer
+from fedpriv.data.partition import partition_by_patient, partition_table
+from fedpriv.data.sources import load_splits
+from fedpriv.errors import FedprivError
+from fedpriv.federation import build_client_app, build_server_app, run_federation
+from fedpriv.outputs import RunDirectory
+from fedpriv.privacy.ledger import PrivacyLedger
+from fedpriv.server import run_rounds
+from fedpriv.settings import RunSettings, warn_delta
+from strategies import build_strategy
+
+log = logging.getLogger(__name__)
+
+#: Seconds the server waits for a round's replies before counting a hospital as failed.
+ROUND_TIMEOUT = 3600.0
+
+
+def run_experiment(settings: RunSettings, run_dir: Path, on_round: Callable[[dict], None] = lambda line: None) -> dict:
+    """Run the configured federation; write every output into run_dir; return the summary."""
+    started = time.perf_counter()
+    splits = load_splits(settings.data, settings.seed)
+    splits.check_disjoint_patients(f"data={settings.data.name}")
+    shards = partition_by_patient(splits.train, settings.num_clients, settings.partition, settings.seed)
+    table = partition_table(splits.train, shards)
+    empty = [row["hospital"] for row in table if row["images"] == 0]
+    if empty:
+        raise FedprivError(f"hospital {empty[0]} would hold no training images; lower num_clients")
+    if settings.privacy.mode != "none":
+        warn_delta(settings, min(row["images"] for row in table))
+
+    run = RunDirectory(run_dir)
+    run.write_json("partition.json", table)
+    ledger = PrivacyLedger(delta=settings.privacy.delta if settings.privacy.delta is not None else 0.0)
+    trainer = HospitalTrainer(settings)
+    result: dict = {}
+
+    def server_main(federation) -> None:
+        result["lines"] = run_rounds(federation, settings, splits, run, ledger, on_round)
+
+    strategy = build_strategy(settings.strategy, settings.num_clients)
+    run_federation(
+        build_server_app(server_main, strategy, settings.num_clients, ROUND_TIMEOUT),
+        build_client_app(trainer, trainer.describe),
+        settings.num_clients,
+        settings.backend,
+    )
+    if "lines" not in result:
+        raise FedprivError("the simulation stopped before all rounds finished; see the log above")
+    lines = result["lines"]
+    run.plot_rounds(lines)
+    summary = make_summary(settings, lines, ledger, table, time.perf_counter() - started)
+    run.write_json("summary.json", summary)
+    return summary
+
+
+def make_summary(settings: RunSettings, lines: list[dict], ledger: PrivacyLedger, table: list[dict], wall: float) -> dict:
+    """The summary.json payload (schema in README)."""
+    final = lines[-1]
+    utility_keys = ("auroc", "auprc", "accuracy", "sensitivity", "specificity")
+    hospitals = [row["hospital"] for row in table]
+    privacy: dict = {"mode": settings.privacy.mode}
+    if settings.privacy.mode == "local":
+        per_hospital = {}
+        for h in hospitals:
+            entries = [e for e in ledger.entries if e.hospital == h]
+            per_hospital[str(h)] = {
+                "epsilon": ledger.epsilon(h),
+                "noise_multiplier": entries[0].noise_multiplier if entries else None,
+                "sample_rate": entries[0].sample_rate if entries else None,
+                "steps": sum(e.steps for e in entries),
+            }
+        privacy.update(
+            accountant="rdp",
+            target_epsilon=settings.privacy.target_epsilon,
+            delta=settings.privacy.delta,
+            max_grad_norm=settings.privacy.max_grad_norm,
+            max_epsilon=max(v["epsilon"] for v in per_hospital.values()),
+            hospitals=per_hospital,
+        )
+    return {
+        "test": {k: final[k] for k in utility_keys},
+        "val": {k: final[f"val_{k}"] for k in utility_keys},
+        "privacy": privacy,
+        "num_clients": settings.num_clients,
+        "rounds": settings.rounds,
+        "local_epochs": settings.local_epochs,
+        "seed": settings.seed,
+        "model": settings.model.name,
+        "data": settings.data.name,
+        "partition": table,
+        "settings": dataclasses.asdict(settings),
+        "wall_seconds": wall,
+    }

@@ -1,0 +1,140 @@
+"""All Flower and Ray wiring in one place: a Flower API change touches only this module.
+
+client.py and server.py work with plain Python (state dicts, dicts of numbers); this module
+turns them into a Flower ClientApp and ServerApp and runs them on Flower's simulation engine
+with the Ray backend.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import ray
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import Strategy
+from flwr.serverapp.strategy.strategy_utils import sample_nodes
+from flwr.simulation import run_simulation
+
+from fedpriv.settings import BackendSettings
+
+log = logging.getLogger(__name__)
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+
+StateDict = dict[str, torch.Tensor]
+#: (hospital, global weights, round config, hospital's saved state) →
+#: (new weights, metrics, new saved state). Saved state persists across rounds (context.state).
+HospitalTrain = Callable[[int, StateDict, dict, dict], tuple[StateDict, dict, dict]]
+#: hospital → facts it shares about itself (counts only).
+HospitalDescribe = Callable[[int], dict]
+_STATE_KEY = "fedpriv"
+
+
+def build_client_app(train: HospitalTrain, describe: HospitalDescribe) -> ClientApp:
+    """A ClientApp whose train handler runs `train` for the hospital of this node."""
+    app = ClientApp()
+
+    @app.train()
+    def _train(msg: Message, context: Context) -> Message:
+        hospital = int(context.node_config["partition-id"])
+        saved = dict(context.state.config_records.get(_STATE_KEY, ConfigRecord()))
+        weights, metrics, saved = train(
+            hospital, msg.content["arrays"].to_torch_state_dict(), dict(msg.content["config"]), saved
+        )
+        context.state[_STATE_KEY] = ConfigRecord(saved)
+        content = RecordDict({"arrays": ArrayRecord(weights), "metrics": MetricRecord(metrics)})
+        return Message(content, reply_to=msg)
+
+    @app.query()
+    def _describe(msg: Message, context: Context) -> Message:
+        hospital = int(context.node_config["partition-id"])
+        facts = {"hospital": hospital, **describe(hospital)}
+        return Message(RecordDict({"metrics": MetricRecord(facts)}), reply_to=msg)
+
+    return app
+
+
+@dataclass
+class RoundOutcome:
+    """What one training round produced: per-hospital metrics, failures, new global weights."""
+
+    trained: dict[int, dict] = field(default_factory=dict)
+    failed: dict[int, str] = field(default_factory=dict)
+    weights: StateDict | None = None
+
+
+class Federation:
+    """The server's handle on the simulated hospitals: discovery and training rounds."""
+
+    def __init__(self, grid: Grid, strategy: Strategy, num_hospitals: int, timeout: float) -> None:
+        self.grid, self.strategy, self.timeout = grid, strategy, timeout
+        self.num_hospitals = num_hospitals
+        self.hospital_of_node: dict[int, int] = {}
+
+    def describe_hospitals(self) -> dict[int, dict]:
+        """Ask every node which hospital it is and what it holds (counts, never records)."""
+        nodes, _ = sample_nodes(self.grid, self.num_hospitals, self.num_hospitals)  # waits for all
+        messages = [Message(RecordDict(), message_type=MessageType.QUERY, dst_node_id=n) for n in nodes]
+        facts = {}
+        for reply in self.grid.send_and_receive(messages, timeout=self.timeout):
+            if reply.has_error():
+                raise RuntimeError(f"a hospital could not load its data: {reply.error.reason}")
+            metrics = dict(reply.content["metrics"])
+            hospital = int(metrics.pop("hospital"))
+            self.hospital_of_node[reply.metadata.src_node_id] = hospital
+            facts[hospital] = metrics
+        return dict(sorted(facts.items()))
+
+    def train_round(self, server_round: int, weights: StateDict, config: dict) -> RoundOutcome:
+        """Send the global weights to the sampled hospitals, collect replies, aggregate."""
+        messages = self.strategy.configure_train(server_round, ArrayRecord(weights), ConfigRecord(config), self.grid)
+        replies = list(self.grid.send_and_receive(messages, timeout=self.timeout))
+        outcome = RoundOutcome()
+        good = []
+        for reply in replies:
+            hospital = self.hospital_of_node.get(reply.metadata.src_node_id, reply.metadata.src_node_id)
+            if reply.has_error():
+                outcome.failed[hospital] = reply.error.reason
+            else:
+                outcome.trained[hospital] = dict(reply.content["metrics"])
+                good.append(reply)
+        if good:
+            arrays, _ = self.strategy.aggregate_train(server_round, good)
+            outcome.weights = arrays.to_torch_state_dict() if arrays is not None else None
+        return outcome
+
+
+def build_server_app(
+    main: Callable[[Federation], None], strategy: Strategy, num_hospitals: int, timeout: float
+) -> ServerApp:
+    """A ServerApp that hands `main` a Federation over the simulation's grid."""
+    app = ServerApp()
+
+    @app.main()
+    def _main(grid: Grid, context: Context) -> None:
+        main(Federation(grid, strategy, num_hospitals, timeout))
+
+    return app
+
+
+def run_federation(server: ServerApp, client: ClientApp, num_clients: int, backend: BackendSettings) -> None:
+    """Run on Flower's simulation engine (Ray backend); Ray is shut down afterwards.
+
+    An exception raised by the ServerApp is re-raised here.
+    """
+    backend_config = {
+        "client_resources": dict(backend.client_resources),
+        "init_args": {k: v for k, v in dict(backend.init_args).items() if v is not None},
+    }
+    try:
+        run_simulation(
+            server_app=server, client_app=client, num_supernodes=num_clients, backend_config=backend_config
+        )
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()

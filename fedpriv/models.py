@@ -1,0 +1,144 @@
+"""Models from timm's registry, made trainable by Opacus with per-layer per-sample gradients.
+
+fedpriv registers small DP-friendly models in timm's registry (`fedpriv_*`): a hybrid vision
+transformer with a GroupNorm conv stem (a plain ViT from scratch is weak on a thousand images)
+and a GroupNorm CNN. Their position embedding lives in its own module with an Opacus grad
+sampler, so Opacus never falls back to functorch over the whole model.
+"""
+
+from __future__ import annotations
+
+import torch
+from opacus.grad_sample import register_grad_sampler
+from opacus.validators import ModuleValidator
+from timm import create_model, is_model, list_models
+from timm.models import register_model
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+from fedpriv.errors import FedprivError
+from fedpriv.settings import ModelSettings
+
+
+class LearnedPositionEmbedding(nn.Module):
+    """Adds a learned (1, tokens, dim) embedding; a module of its own for Opacus."""
+
+    def __init__(self, num_tokens: int, dim: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(1, num_tokens, dim) * 0.02)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.weight
+
+
+@register_grad_sampler(LearnedPositionEmbedding)
+def _position_embedding_grad_sample(layer, activations, backprops):
+    """d(x + w)/dw per sample is the sample's backprop itself."""
+    return {layer.weight: backprops.unsqueeze(1)}
+
+
+def _conv_gn(in_ch: int, out_ch: int, stride: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(in_ch, out_ch, 3, stride, 1, bias=False), nn.GroupNorm(min(8, out_ch // 4), out_ch), nn.GELU()
+    )
+
+
+class ConvStemEmbed(nn.Module):
+    """Patch embedding for timm's ViT: GroupNorm conv stem (/4), projection (/2), positions.
+
+    Follows timm's `embed_layer` interface; outputs (B, tokens, dim).
+    """
+
+    def __init__(self, img_size=64, patch_size=8, in_chans=1, embed_dim=96, bias=True, stem_width=32, **_):
+        super().__init__()
+        if patch_size != 8 or img_size % 8:
+            raise FedprivError("the conv-stem ViT needs model.kwargs.patch_size=8 and data.image_size divisible by 8")
+        self.img_size = (img_size, img_size)
+        self.patch_size = (patch_size, patch_size)
+        self.grid_size = (img_size // patch_size, img_size // patch_size)
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.stem = nn.Sequential(_conv_gn(in_chans, stem_width // 2, 2), _conv_gn(stem_width // 2, stem_width, 2))
+        self.proj = nn.Conv2d(stem_width, embed_dim, 2, 2, bias=bias)
+        self.pos = LearnedPositionEmbedding(self.num_patches, embed_dim)
+
+    def feat_ratio(self, as_scalar: bool = True):
+        return self.patch_size[0] if as_scalar else self.patch_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.proj(self.stem(x)).flatten(2).transpose(1, 2)
+        return self.pos(x)
+
+
+@register_model
+def fedpriv_vit_hybrid_tiny(pretrained: bool = False, **kwargs) -> VisionTransformer:
+    """Conv-stem ViT for small grayscale patches: 8×8 tokens, mean-pooled, no class token."""
+    kwargs = _own_model_kwargs(pretrained, kwargs)
+    stem_width = kwargs.pop("stem_width", 32)
+    args = dict(img_size=64, patch_size=8, in_chans=1, embed_dim=96, depth=4, num_heads=3, mlp_ratio=2.0)
+    args.update(kwargs)
+    return VisionTransformer(
+        **args,
+        class_token=False,
+        global_pool="avg",
+        pos_embed="none",
+        embed_layer=lambda **kw: ConvStemEmbed(stem_width=stem_width, **kw),
+    )
+
+
+class SmallGroupNormCNN(nn.Module):
+    """Stem conv16 + 3 blocks of two 3×3 convs (32/64/128) with GroupNorm, pooled to a logit."""
+
+    def __init__(self, in_chans: int = 1, num_classes: int = 1, widths=(32, 64, 128), **_):
+        super().__init__()
+        layers, width = [_conv_gn(in_chans, 16, 1)], 16
+        for out in widths:
+            layers += [_conv_gn(width, out, 1), _conv_gn(out, out, 1), nn.MaxPool2d(2)]
+            width = out
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Linear(width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x).mean(dim=(2, 3)))
+
+
+@register_model
+def fedpriv_cnn_small(pretrained: bool = False, **kwargs) -> SmallGroupNormCNN:
+    """The GroupNorm CNN of shared/notes, a strong from-scratch baseline under DP."""
+    kwargs = _own_model_kwargs(pretrained, kwargs)
+    kwargs.pop("img_size", None)
+    return SmallGroupNormCNN(**kwargs)
+
+
+def _own_model_kwargs(pretrained: bool, kwargs: dict) -> dict:
+    """Drop timm's pretrained-config plumbing; fedpriv's own models train from scratch."""
+    if pretrained:
+        raise FedprivError("fedpriv models have no pretrained weights; set model.kwargs.pretrained=false")
+    return {k: v for k, v in kwargs.items() if k not in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")}
+
+
+def build_model(settings: ModelSettings, image_size: int, in_chans: int = 1) -> nn.Module:
+    """A one-logit classifier from timm's registry, fixed for Opacus (BatchNorm → GroupNorm)."""
+    if not is_model(settings.name):
+        close = list_models(f"*{settings.name.split('_')[0]}*")[:5]
+        raise FedprivError(f"model.name={settings.name!r} is not in timm's registry (similar: {close})")
+    kwargs = dict(settings.kwargs)
+    kwargs.setdefault("pretrained", False)
+    try:
+        try:
+            model = create_model(settings.name, num_classes=1, in_chans=in_chans, img_size=image_size, **kwargs)
+        except TypeError:  # timm models without an img_size argument (CNNs)
+            model = create_model(settings.name, num_classes=1, in_chans=in_chans, **kwargs)
+    except TypeError as error:
+        raise FedprivError(f"model.kwargs do not fit model.name={settings.name!r}: {error}") from None
+    return make_opacus_compatible(model)
+
+
+def make_opacus_compatible(model: nn.Module) -> nn.Module:
+    """BatchNorm → GroupNorm (Opacus' ModuleValidator) and no in-place activations, which
+    break Opacus' backward hooks."""
+    if ModuleValidator.validate(model, strict=False):
+        model = ModuleValidator.fix(model)
+    for module in model.modules():
+        if getattr(module, "inplace", False):
+            module.inplace = False
+    return model

@@ -1,0 +1,66 @@
+"""The run directory: metrics.jsonl, summary.json, partition table, weights and plots."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+
+def _clean(value):
+    """JSON has no NaN: undefined metrics are written as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_clean(v) for v in value]
+    return value
+
+
+class RunDirectory:
+    """Writes one run's outputs; `summary.json` is written last, only by a finished run."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+
+    def write_json(self, name: str, payload) -> Path:
+        target = self.path / name
+        target.write_text(json.dumps(_clean(payload), indent=2))
+        return target
+
+    def append_metrics(self, line: dict) -> None:
+        with open(self.path / "metrics.jsonl", "a") as handle:
+            handle.write(json.dumps(_clean(line)) + "\n")
+
+    def save_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        torch.save(weights, self.path / "model.pt")
+
+    def plot_rounds(self, lines: list[dict]) -> Path:
+        """AUROC (test, val) and max ε per round, one PNG."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        rounds = [line["round"] for line in lines]
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.plot(rounds, [line["auroc"] for line in lines], "o-", label="test AUROC")
+        ax.plot(rounds, [line["val_auroc"] for line in lines], "s--", label="val AUROC")
+        ax.set_xlabel("round")
+        ax.set_ylabel("AUROC")
+        ax.set_ylim(0.4, 1.0)
+        if lines and lines[0]["max_epsilon"] is not None:
+            twin = ax.twinx()
+            twin.plot(rounds, [line["max_epsilon"] for line in lines], "k^:", label="max ε")
+            twin.set_ylabel("ε spent (max over hospitals)")
+            twin.legend(loc="lower right")
+        ax.legend(loc="upper left")
+        fig.tight_layout()
+        target = self.path / "rounds.png"
+        fig.savefig(target, dpi=120)
+        plt.close(fig)
+        return target

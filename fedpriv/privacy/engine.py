@@ -1,0 +1,60 @@
+"""One hospital's DP-SGD session with Opacus, continuing its accountant across rounds."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from opacus import PrivacyEngine
+from torch import nn
+from torch.utils.data import DataLoader
+
+from fedpriv.privacy.accounting import History
+
+
+@dataclass
+class PrivateSession:
+    """The DP-wrapped model, optimizer and Poisson loader, plus the live accountant."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    loader: DataLoader
+    engine: PrivacyEngine
+
+    @property
+    def history(self) -> History:
+        return [(float(s), float(q), int(n)) for s, q, n in self.engine.accountant.history]
+
+    def epsilon(self, delta: float) -> float:
+        return float(self.engine.accountant.get_epsilon(delta)) if self.engine.accountant.history else 0.0
+
+    def unwrapped_state(self) -> dict[str, torch.Tensor]:
+        return self.model._module.state_dict()
+
+
+def make_private(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loader: DataLoader,
+    noise_multiplier: float,
+    max_grad_norm: float,
+    history: History,
+    noise_generator: torch.Generator,
+) -> PrivateSession:
+    """Wrap for DP-SGD with Poisson sampling; the accountant resumes from `history`.
+
+    The accountant is never reset: it starts from everything this hospital spent before.
+    """
+    engine = PrivacyEngine(accountant="rdp")
+    engine.accountant.history = list(history)
+    private_model, private_optimizer, private_loader = engine.make_private(
+        module=model,
+        optimizer=optimizer,
+        data_loader=loader,
+        noise_multiplier=noise_multiplier,
+        max_grad_norm=max_grad_norm,
+        poisson_sampling=True,
+        loss_reduction="sum",
+        noise_generator=noise_generator,
+    )
+    return PrivateSession(private_model, private_optimizer, private_loader, engine)

@@ -1,0 +1,54 @@
+"""The privacy ledger: every DP mechanism applied to each hospital's records, and the ε
+that follows. It is the only source of the ε figures fedpriv reports."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from fedpriv.privacy.accounting import History, epsilon_spent
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    """One round of DP-SGD at one hospital: the subsampled Gaussian mechanism's parameters."""
+
+    hospital: int
+    round: int
+    mechanism: str
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+
+
+@dataclass
+class PrivacyLedger:
+    """Cumulative record-level accounting per hospital (RDP), never reset."""
+
+    delta: float
+    entries: list[LedgerEntry] = field(default_factory=list)
+
+    def record(self, hospital: int, round: int, noise_multiplier: float, sample_rate: float, steps: int) -> None:
+        self.entries.append(LedgerEntry(hospital, round, "dp-sgd", noise_multiplier, sample_rate, steps))
+
+    def history(self, hospital: int) -> History:
+        return [(e.noise_multiplier, e.sample_rate, e.steps) for e in self.entries if e.hospital == hospital]
+
+    def epsilon(self, hospital: int) -> float:
+        """Record-level ε of `hospital` over everything recorded so far (0 if never trained)."""
+        return epsilon_spent(self.history(hospital), self.delta)
+
+    def epsilons(self, hospitals: list[int]) -> dict[int, float]:
+        return {h: self.epsilon(h) for h in hospitals}
+
+    def to_dict(self, hospitals: list[int]) -> dict:
+        return {
+            "accountant": "rdp",
+            "delta": self.delta,
+            "epsilon": {str(h): e for h, e in self.epsilons(hospitals).items()},
+            "entries": [asdict(e) for e in self.entries],
+        }
+
+    def save(self, path: Path, hospitals: list[int]) -> None:
+        path.write_text(json.dumps(self.to_dict(hospitals), indent=2))

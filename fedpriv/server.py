@@ -1,0 +1,97 @@
+"""The server's rounds: train, aggregate, account, evaluate centrally, record."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+
+import torch
+
+from fedpriv.data.records import SplitData
+from fedpriv.errors import FedprivError
+from fedpriv.federation import Federation
+from fedpriv.metrics import binary_metrics
+from fedpriv.models import build_model
+from fedpriv.outputs import RunDirectory
+from fedpriv.privacy.ledger import PrivacyLedger
+from fedpriv.settings import RunSettings
+from fedpriv.training import predict
+
+log = logging.getLogger(__name__)
+
+
+def initial_weights(settings: RunSettings) -> dict[str, torch.Tensor]:
+    torch.manual_seed(settings.seed)
+    return build_model(settings.model, settings.data.image_size).state_dict()
+
+
+def evaluate(settings: RunSettings, weights: dict, splits: SplitData) -> dict[str, float]:
+    """Test metrics (plain names) and validation metrics (`val_` prefix) of the global model."""
+    model = build_model(settings.model, settings.data.image_size)
+    model.load_state_dict(weights)
+    batch = settings.training.eval_batch_size
+    test = binary_metrics(splits.test.labels, predict(model, splits.test, batch))
+    val = binary_metrics(splits.val.labels, predict(model, splits.val, batch))
+    return {**test, **{f"val_{k}": v for k, v in val.items()}}
+
+
+def run_rounds(
+    federation: Federation,
+    settings: RunSettings,
+    splits: SplitData,
+    run: RunDirectory,
+    ledger: PrivacyLedger,
+    on_round: Callable[[dict], None],
+) -> list[dict]:
+    """All rounds; returns the metrics lines (also appended to metrics.jsonl as they come)."""
+    hospitals = list(federation.describe_hospitals())
+    weights = initial_weights(settings)
+    lines = []
+    for server_round in range(1, settings.rounds + 1):
+        started = time.perf_counter()
+        outcome = federation.train_round(server_round, weights, {"rounds": settings.rounds})
+        for hospital, reason in outcome.failed.items():
+            log.warning("round %d: hospital %s failed: %s", server_round, hospital, reason)
+        if not outcome.trained or outcome.weights is None:
+            reasons = "; ".join(f"hospital {h}: {r}" for h, r in outcome.failed.items()) or "no replies"
+            raise FedprivError(f"round {server_round}: no hospital trained successfully ({reasons})")
+        if settings.privacy.mode == "local":
+            _account(ledger, server_round, outcome.trained)
+        weights = outcome.weights
+        train_seconds = time.perf_counter() - started
+        line = {
+            "round": server_round,
+            **evaluate(settings, weights, splits),
+            "train_loss": _weighted_mean(outcome.trained, "train_loss"),
+            "epsilon": {str(h): ledger.epsilon(h) for h in hospitals} if settings.privacy.mode != "none" else None,
+            "max_epsilon": max(ledger.epsilon(h) for h in hospitals) if settings.privacy.mode != "none" else None,
+            "hospitals_trained": sorted(outcome.trained),
+            "hospitals_failed": {str(h): r for h, r in outcome.failed.items()},
+            "client_seconds": {str(h): m["seconds"] for h, m in outcome.trained.items()},
+            "train_seconds": train_seconds,
+            "seconds": time.perf_counter() - started,
+        }
+        run.append_metrics(line)
+        on_round(line)
+        lines.append(line)
+    run.save_weights(weights)
+    ledger.save(run.path / "ledger.json", hospitals)
+    return lines
+
+
+def _account(ledger: PrivacyLedger, server_round: int, trained: dict[int, dict]) -> None:
+    """Record each hospital's mechanism; its own accountant must agree with the ledger."""
+    for hospital, m in sorted(trained.items()):
+        ledger.record(hospital, server_round, m["noise_multiplier"], m["sample_rate"], int(m["steps"]))
+        if not math.isclose(ledger.epsilon(hospital), m["epsilon"], rel_tol=1e-6, abs_tol=1e-9):
+            raise FedprivError(
+                f"hospital {hospital} reports ε={m['epsilon']:.6f} but the ledger computes "
+                f"{ledger.epsilon(hospital):.6f}; its privacy state was lost — do not trust this run"
+            )
+
+
+def _weighted_mean(trained: dict[int, dict], key: str) -> float:
+    total = sum(m["num-examples"] for m in trained.values())
+    return sum(m[key] * m["num-examples"] for m in trained.values()) / total

@@ -1,0 +1,241 @@
+"""Typed, validated run settings built from the composed Hydra config.
+
+The Hydra tree in `configs/` is the only place defaults live; this module only checks them
+and gives them types, so a bad value stops the run before any work with one clear message.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
+
+from fedpriv.errors import FedprivError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PhantomDataSettings:
+    """`data=phantom_mammo`: generated mass patches, split by patient here."""
+
+    name: str
+    image_size: int
+    num_patients: int
+    images_per_patient: int
+    num_sites: int
+    malignant_fraction: float
+    class_separation: float
+    noise_level: float
+    val_fraction: float
+    test_fraction: float
+    augment: bool
+
+
+@dataclass(frozen=True)
+class FolderDataSettings:
+    """`data=cbis_ddsm`: split folders (train/val/test) of class folders of images."""
+
+    name: str
+    root: str
+    image_size: int
+    splits: tuple[tuple[str, str], ...]
+    class_folders: tuple[tuple[str, int], ...]
+    patient_pattern: str
+    augment: bool
+
+
+DataSettings = PhantomDataSettings | FolderDataSettings
+DATA_SETTINGS: dict[str, type] = {"phantom_mammo": PhantomDataSettings, "cbis_ddsm": FolderDataSettings}
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """A model from timm's registry (fedpriv registers its own DP-friendly ones there)."""
+
+    name: str
+    kwargs: tuple[tuple[str, Any], ...] = ()
+
+
+@dataclass(frozen=True)
+class PrivacySettings:
+    """`mode=none` trains without DP; `mode=local` runs record-level DP-SGD at each hospital."""
+
+    mode: str
+    target_epsilon: float | None = None
+    delta: float | None = None
+    max_grad_norm: float | None = None
+
+
+@dataclass(frozen=True)
+class TrainingSettings:
+    """Local optimisation at each hospital (batch size is the expected Poisson batch)."""
+
+    batch_size: int
+    optimizer: str
+    lr: float
+    momentum: float
+    weight_decay: float
+    eval_batch_size: int
+
+
+@dataclass(frozen=True)
+class StrategySettings:
+    name: str
+    fraction_train: float
+
+
+@dataclass(frozen=True)
+class BackendSettings:
+    """Flower simulation backend (Ray): resources per client and `ray.init` arguments."""
+
+    client_resources: tuple[tuple[str, float], ...]
+    init_args: tuple[tuple[str, Any], ...]
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    num_clients: int
+    rounds: int
+    local_epochs: int
+    seed: int
+    data: DataSettings
+    model: ModelSettings
+    privacy: PrivacySettings
+    partition: str
+    strategy: StrategySettings
+    training: TrainingSettings
+    backend: BackendSettings
+
+
+PRIVACY_MODES = ("none", "local")
+OPTIMIZERS = ("sgd", "adamw")
+
+
+def settings_from_config(cfg: DictConfig) -> RunSettings:
+    """Resolve, type and validate the composed config; raise FedprivError naming the key."""
+    try:
+        raw = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except MissingMandatoryValue as error:
+        key = error.full_key or "a required setting"
+        raise FedprivError(f"{key} is not set: add {key}=... to the command line") from None
+    data_name = raw["data"].get("name")
+    if data_name not in DATA_SETTINGS:
+        raise FedprivError(f"data={data_name!r} is unknown; choose one of {sorted(DATA_SETTINGS)}")
+    settings = RunSettings(
+        num_clients=_typed(raw, "num_clients", int),
+        rounds=_typed(raw, "rounds", int),
+        local_epochs=_typed(raw, "local_epochs", int),
+        seed=_typed(raw, "seed", int),
+        data=_build(DATA_SETTINGS[data_name], raw["data"], "data"),
+        model=ModelSettings(name=raw["model"]["name"], kwargs=_freeze(raw["model"].get("kwargs") or {})),
+        privacy=_build(PrivacySettings, raw["privacy"], "privacy"),
+        partition=raw["partition"]["name"],
+        strategy=_build(StrategySettings, raw["strategy"], "strategy"),
+        training=_build(TrainingSettings, raw["training"], "training"),
+        backend=_build(BackendSettings, raw["backend"], "backend"),
+    )
+    validate(settings)
+    return settings
+
+
+def validate(s: RunSettings) -> None:
+    """Check every value a user can get wrong; the message names the key and the fix."""
+    _require(s.num_clients >= 1, "num_clients must be at least 1 (num_clients=1 is the central baseline)")
+    _require(s.rounds >= 1, "rounds must be at least 1")
+    _require(s.local_epochs >= 1, "local_epochs must be at least 1")
+    _require(s.seed >= 0, "seed must be a non-negative integer")
+    p = s.privacy
+    _require(p.mode in PRIVACY_MODES, f"privacy.mode={p.mode!r} is unknown; choose one of {PRIVACY_MODES}")
+    if p.mode == "local":
+        _require(
+            p.target_epsilon is not None and math.isfinite(p.target_epsilon) and p.target_epsilon > 0,
+            f"privacy.target_epsilon={p.target_epsilon} must be a finite number > 0 (use privacy=none for no DP)",
+        )
+        _require(
+            p.delta is not None and 0 < p.delta < 1, f"privacy.delta={p.delta} must be strictly between 0 and 1"
+        )
+        _require(
+            p.max_grad_norm is not None and p.max_grad_norm > 0,
+            f"privacy.max_grad_norm={p.max_grad_norm} must be > 0",
+        )
+    t = s.training
+    _require(t.batch_size >= 1, f"training.batch_size={t.batch_size} must be at least 1")
+    _require(t.eval_batch_size >= 1, f"training.eval_batch_size={t.eval_batch_size} must be at least 1")
+    _require(t.lr > 0, f"training.lr={t.lr} must be > 0")
+    _require(0 <= t.momentum < 1, f"training.momentum={t.momentum} must be in [0, 1)")
+    _require(t.weight_decay >= 0, f"training.weight_decay={t.weight_decay} must be >= 0")
+    _require(t.optimizer in OPTIMIZERS, f"training.optimizer={t.optimizer!r} is unknown; choose one of {OPTIMIZERS}")
+    _require(
+        0 < s.strategy.fraction_train <= 1, f"strategy.fraction_train={s.strategy.fraction_train} must be in (0, 1]"
+    )
+    _require(s.data.image_size >= 16, f"data.image_size={s.data.image_size} must be at least 16")
+    if isinstance(s.data, PhantomDataSettings):
+        d = s.data
+        _require(d.num_patients >= 10, f"data.num_patients={d.num_patients} must be at least 10")
+        _require(d.images_per_patient >= 1, f"data.images_per_patient={d.images_per_patient} must be at least 1")
+        _require(d.num_sites >= 1, f"data.num_sites={d.num_sites} must be at least 1")
+        _require(0 < d.malignant_fraction < 1, "data.malignant_fraction must be strictly between 0 and 1")
+        _require(
+            d.val_fraction > 0 and d.test_fraction > 0 and d.val_fraction + d.test_fraction < 1,
+            "data.val_fraction and data.test_fraction must be > 0 and sum to less than 1",
+        )
+
+
+def warn_delta(settings: RunSettings, smallest_hospital_records: int) -> None:
+    """DP's δ should be well below 1/n; say so (it is legal, but weak)."""
+    delta = settings.privacy.delta
+    if settings.privacy.mode != "none" and delta is not None and delta >= 1 / smallest_hospital_records:
+        log.warning(
+            "privacy.delta=%g is not much smaller than 1/n = %g for the smallest hospital; "
+            "the guarantee is weak — consider privacy.delta=%g",
+            delta,
+            1 / smallest_hospital_records,
+            0.1 / smallest_hospital_records,
+        )
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise FedprivError(message)
+
+
+def _typed(raw: dict, key: str, kind: type) -> Any:
+    value = raw.get(key)
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise FedprivError(f"{key}={value!r} must be of type {kind.__name__}")
+    return value
+
+
+def _freeze(value: Any) -> Any:
+    """Dicts/lists from the config become sorted tuples, so settings are hashable."""
+    if isinstance(value, dict):
+        return tuple(sorted((k, _freeze(v)) for k, v in value.items()))
+    if isinstance(value, list):
+        return tuple(_freeze(v) for v in value)
+    return value
+
+
+def _build(kind: type, raw: dict, group: str) -> Any:
+    """Build a settings dataclass from a config group, naming unknown or missing keys."""
+    names = {f.name: f for f in dataclasses.fields(kind)}
+    unknown = sorted(set(raw) - set(names))
+    if unknown:
+        raise FedprivError(f"{group}.{unknown[0]} is not a setting of {group}; known keys: {sorted(names)}")
+    required = [n for n, f in names.items() if f.default is dataclasses.MISSING and n not in raw]
+    if required:
+        raise FedprivError(f"{group}.{required[0]} is missing from the config; add {group}.{required[0]}=...")
+    values = {}
+    for name, value in raw.items():
+        expected = names[name].type
+        if expected in ("int", "float") and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise FedprivError(f"{group}.{name}={value!r} must be a number")
+        if expected == "int" and isinstance(value, float):
+            raise FedprivError(f"{group}.{name}={value!r} must be an integer")
+        values[name] = _freeze(value)
+    return kind(**values)

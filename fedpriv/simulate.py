@@ -1,0 +1,73 @@
+"""`python -m fedpriv.simulate k=v ...`: compose the Hydra config and run one simulation."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from fedpriv.errors import FedprivError
+
+console = Console(stderr=True)
+
+
+def _fmt(value) -> str:
+    return "—" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def summary_table(summary: dict, run_dir: Path) -> Table:
+    table = Table(title=f"fedpriv run — {run_dir}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in summary["test"].items():
+        table.add_row(f"test {key}", _fmt(value))
+    privacy = summary["privacy"]
+    table.add_row("privacy", privacy["mode"])
+    if privacy["mode"] == "local":
+        table.add_row("ε spent (max over hospitals)", _fmt(privacy["max_epsilon"]))
+        table.add_row("δ", f"{privacy['delta']:g}")
+        for h, p in privacy["hospitals"].items():
+            table.add_row(f"hospital {h}: ε / σ / q / steps", f"{p['epsilon']:.3f} / {p['noise_multiplier']:.3f} / {p['sample_rate']:.3f} / {p['steps']}")
+    table.add_row("hospitals × rounds", f"{summary['num_clients']} × {summary['rounds']}")
+    table.add_row("wall seconds", f"{summary['wall_seconds']:.1f}")
+    return table
+
+
+@hydra.main(config_path="../configs", config_name="simulate", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    from fedpriv.experiment import run_experiment
+    from fedpriv.settings import settings_from_config
+
+    logging.getLogger("flwr").setLevel(logging.WARNING)
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        settings = settings_from_config(cfg)
+        with Progress(
+            TextColumn("[bold]round {task.completed}/{task.total}"),
+            BarColumn(),
+            TextColumn("{task.description}"),
+            TimeElapsedColumn(),
+            console=console,
+        ) as progress:
+            task = progress.add_task("starting hospitals…", total=settings.rounds)
+
+            def on_round(line: dict) -> None:
+                eps = f" ε={line['max_epsilon']:.2f}" if line["max_epsilon"] is not None else ""
+                progress.update(task, advance=1, description=f"test AUROC={line['auroc']:.3f}{eps}")
+
+            summary = run_experiment(settings, run_dir, on_round)
+    except FedprivError as error:
+        console.print(f"[bold red]fedpriv:[/] {error}")
+        sys.exit(2)
+    Console().print(summary_table(summary, run_dir))
+
+
+if __name__ == "__main__":
+    main()

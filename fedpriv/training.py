@@ -1,0 +1,82 @@
+"""Local training epochs and prediction, shared by private and non-private hospitals."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from fedpriv.data.records import ImageRecords
+from fedpriv.settings import TrainingSettings
+
+
+class RecordDataset(Dataset):
+    """Torch view of ImageRecords; `augment` applies random flips and 90° rotations
+    (mass patches have no canonical orientation)."""
+
+    def __init__(self, records: ImageRecords, augment: bool) -> None:
+        self.images = torch.from_numpy(records.images)
+        self.labels = torch.from_numpy(records.labels.astype(np.float32))
+        self.augment = augment
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image = self.images[i]
+        if self.augment:
+            image = torch.rot90(image, int(torch.randint(4, ())), dims=(1, 2))
+            if torch.rand(()) < 0.5:
+                image = image.flip(2)
+        return (image - 0.5) / 0.5, self.labels[i]
+
+
+def make_optimizer(model: nn.Module, settings: TrainingSettings) -> torch.optim.Optimizer:
+    if settings.optimizer == "sgd":
+        return torch.optim.SGD(
+            model.parameters(), lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay
+        )
+    return torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+
+
+def train_epochs(
+    model: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader, epochs: int, sum_loss: bool
+) -> float:
+    """Run `epochs` passes; return the mean per-example loss.
+
+    `sum_loss` is for Opacus with loss_reduction="sum" (it divides by the expected batch);
+    otherwise the loss is the batch mean. Empty Poisson batches still take a (noisy) step.
+    """
+    model.train()
+    total, count = 0.0, 0
+    for _ in range(epochs):
+        for images, labels in loader:
+            optimizer.zero_grad(set_to_none=True)
+            if len(labels) == 0:  # Poisson sampled nobody: the DP step is noise only
+                _set_empty_grad_samples(model)
+                optimizer.step()
+                continue
+            logits = model(images).reshape(-1)
+            loss = F.binary_cross_entropy_with_logits(logits, labels, reduction="sum")
+            (loss if sum_loss else loss / max(len(labels), 1)).backward()
+            optimizer.step()
+            total += float(loss.detach())
+            count += len(labels)
+    return total / max(count, 1)
+
+
+def _set_empty_grad_samples(model: nn.Module) -> None:
+    for p in model.parameters():
+        if p.requires_grad:
+            p.grad_sample = p.new_zeros((0, *p.shape))
+
+
+@torch.no_grad()
+def predict(model: nn.Module, records: ImageRecords, batch_size: int) -> np.ndarray:
+    """Malignancy probabilities for every record."""
+    model.eval()
+    loader = DataLoader(RecordDataset(records, augment=False), batch_size=batch_size)
+    scores = [torch.sigmoid(model(images).reshape(-1)) for images, _ in loader]
+    return torch.cat(scores).numpy() if scores else np.zeros(0)
