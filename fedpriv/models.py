@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 from opacus.grad_sample import register_grad_sampler
+from opacus.grad_sample.layer_norm import compute_layer_norm_grad_sample
+from timm.layers import LayerNorm as TimmLayerNorm
 from opacus.validators import ModuleValidator
 from timm import create_model, is_model, list_models
 from timm.models import register_model
@@ -35,6 +37,10 @@ class LearnedPositionEmbedding(nn.Module):
 def _position_embedding_grad_sample(layer, activations, backprops):
     """d(x + w)/dw per sample is the sample's backprop itself."""
     return {layer.weight: backprops.unsqueeze(1)}
+
+
+# timm's LayerNorm subclasses nn.LayerNorm with the same maths; Opacus matches exact types.
+register_grad_sampler(TimmLayerNorm)(compute_layer_norm_grad_sample)
 
 
 def _conv_gn(in_ch: int, out_ch: int, stride: int) -> nn.Sequential:
@@ -74,7 +80,7 @@ def fedpriv_vit_hybrid_tiny(pretrained: bool = False, **kwargs) -> VisionTransfo
     """Conv-stem ViT for small grayscale patches: 8×8 tokens, mean-pooled, no class token."""
     kwargs = _own_model_kwargs(pretrained, kwargs)
     stem_width = kwargs.pop("stem_width", 32)
-    args = dict(img_size=64, patch_size=8, in_chans=1, embed_dim=96, depth=4, num_heads=3, mlp_ratio=2.0)
+    args = dict(img_size=64, patch_size=8, in_chans=1, embed_dim=64, depth=2, num_heads=2, mlp_ratio=2.0)
     args.update(kwargs)
     return VisionTransformer(
         **args,

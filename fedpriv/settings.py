@@ -174,6 +174,11 @@ def validate(s: RunSettings) -> None:
     _require(
         0 < s.strategy.fraction_train <= 1, f"strategy.fraction_train={s.strategy.fraction_train} must be in (0, 1]"
     )
+    from timm import is_model
+
+    import fedpriv.models  # noqa: F401  (registers fedpriv's models in timm)
+
+    _require(is_model(s.model.name), f"model.name={s.model.name!r} is not in timm's registry; see configs/model/")
     _require(s.data.image_size >= 16, f"data.image_size={s.data.image_size} must be at least 16")
     if isinstance(s.data, PhantomDataSettings):
         d = s.data

@@ -41,10 +41,10 @@ def generate_phantom_mammo(spec: PhantomSpec, seed: int) -> ImageRecords:
     # One latent "malignancy look" per patient drives every cue, with class overlap.
     look = rng.normal(labels * spec.class_separation, 1.0) / max(spec.class_separation, 1e-6)
     look = np.clip(look, -0.6, 1.6)
-    radius = rng.uniform(5.0, 10.0, n_pat) * scale
-    harmonics = rng.normal(0.0, 1.0, (n_pat, 7)) * np.clip(0.02 + 0.12 * look, 0.0, None)[:, None]
+    radius = np.clip(rng.uniform(6.0, 10.0, n_pat) + 2.5 * look, 4.0, 15.0) * scale
+    harmonics = rng.normal(0.0, 1.0, (n_pat, 7)) * np.clip(0.02 + 0.15 * look, 0.0, None)[:, None]
     phases = rng.uniform(0, 2 * np.pi, (n_pat, 7))
-    n_spicules = rng.poisson(np.clip(6.0 * look - 1.0, 0.0, None))
+    n_spicules = rng.poisson(np.clip(8.0 * look - 1.0, 0.0, None))
     margin_width = np.clip(0.4 + 1.4 * look + rng.normal(0, 0.3, n_pat), 0.3, 3.0) * scale
     # Site (scanner) effects: gain, blur and noise differ per site, fixed by the seed.
     site_rng = np.random.default_rng([seed, 7919])
@@ -56,27 +56,34 @@ def generate_phantom_mammo(spec: PhantomSpec, seed: int) -> ImageRecords:
     patient_of = np.repeat(np.arange(n_pat), views)
     texture = _power_law_texture(rng, n, size, beta=3.0)
     density = rng.uniform(0.2, 0.8, n)
+    # Per view: lesion position, rotation and scale jitter; the lesion's shape is the patient's.
+    f32 = np.float32  # float32 throughout: half the memory traffic of float64
+    centre = (size / 2 + rng.uniform(-4, 4, (n, 2)) * scale).astype(f32)
+    rotation = rng.uniform(0, 2 * np.pi, n).astype(f32)
+    r_view = (radius[patient_of] * rng.uniform(0.9, 1.1, n)).astype(f32)
+    contrast = np.clip(0.22 + 0.12 * look[patient_of] + rng.normal(0, 0.03, n), 0.08, 0.6) * (1.1 - 0.4 * density)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
-    images = np.empty((n, 1, size, size), dtype=np.float32)
-    for i in range(n):
-        p = patient_of[i]
-        centre = size / 2 + rng.uniform(-4, 4, 2) * scale
-        rotation = rng.uniform(0, 2 * np.pi)
-        r_view = radius[p] * rng.uniform(0.9, 1.1)
-        dy, dx = yy - centre[0], xx - centre[1]
-        rho = np.hypot(dy, dx)
-        theta = np.arctan2(dy, dx) - rotation
-        k = np.arange(2, 9)[:, None, None]
-        boundary = r_view * (1 + np.sum(harmonics[p][:, None, None] * np.cos(k * theta + phases[p][:, None, None]), 0))
-        mass = 1.0 / (1.0 + np.exp(-(boundary - rho) / margin_width[p]))
-        mass += _spicules(rng, n_spicules[p], centre, r_view, yy, xx, scale)
-        contrast = rng.uniform(0.18, 0.32) * (1.1 - 0.5 * density[i])
-        tissue = 0.3 + 0.25 * density[i] + 0.09 * texture[i]
-        image = tissue + contrast * mass
-        s = sites[p]
-        image = gaussian_filter(image * site_gain[s], site_blur[s])
-        image += rng.normal(0.0, 0.05 * site_noise[s], image.shape)
-        images[i, 0] = np.clip(image, 0.0, 1.0)
+    dy = yy[None] - centre[:, 0, None, None]
+    dx = xx[None] - centre[:, 1, None, None]
+    rho = np.hypot(dy, dx)
+    theta = np.arctan2(dy, dx) - rotation[:, None, None]
+    wobble = np.zeros_like(rho)
+    for j, k in enumerate(range(2, 9)):
+        amplitude, phase = harmonics[patient_of, j].astype(f32), phases[patient_of, j].astype(f32)
+        wobble += amplitude[:, None, None] * np.cos(k * theta + phase[:, None, None])
+    boundary = r_view[:, None, None] * (1 + wobble)
+    edge = (rho - boundary) / margin_width[patient_of, None, None].astype(f32)
+    mass = 1.0 / (1.0 + np.exp(np.clip(edge, -30, 30)))
+    mass += _spicules(rng, n_spicules[patient_of], centre, r_view, yy, xx, scale)
+    images = (0.3 + 0.2 * density[:, None, None] + 0.06 * texture + contrast[:, None, None] * mass).astype(f32)
+    # Site (scanner) effects: gain, blur, detector noise.
+    site_of = sites[patient_of]
+    images *= site_gain[site_of, None, None]
+    for s in range(spec.num_sites):
+        rows = site_of == s
+        images[rows] = gaussian_filter(images[rows], (0, site_blur[s], site_blur[s]))
+    images += rng.standard_normal(images.shape, dtype=f32) * (0.05 * site_noise[site_of]).astype(f32)[:, None, None]
+    images = np.clip(images, 0.0, 1.0).astype(np.float32)[:, None]
 
     return ImageRecords(
         images=images,
@@ -103,15 +110,18 @@ def _power_law_texture(rng: np.random.Generator, n: int, size: int, beta: float)
     return texture.astype(np.float32)
 
 
-def _spicules(rng, count, centre, radius, yy, xx, scale) -> np.ndarray:
-    """Thin bright lines radiating from the mass border, fading with distance."""
-    out = np.zeros_like(yy)
-    for angle in rng.uniform(0, 2 * np.pi, count):
-        direction = np.array([np.sin(angle), np.cos(angle)])
-        start = centre + direction * radius * 0.8
-        length = radius * rng.uniform(0.6, 1.5)
-        rel_y, rel_x = yy - start[0], xx - start[1]
-        t = np.clip((rel_y * direction[0] + rel_x * direction[1]) / length, 0.0, 1.0)
-        dist = np.hypot(rel_y - t * length * direction[0], rel_x - t * length * direction[1])
-        out = np.maximum(out, np.exp(-(dist**2) / (2 * (0.6 * scale) ** 2)) * (1 - t) * 0.8)
+def _spicules(rng, counts, centre, radius, yy, xx, scale) -> np.ndarray:
+    """Thin bright lines radiating from each mass border, fading with distance."""
+    out = np.zeros((len(counts), *yy.shape), dtype=np.float32)
+    for j in range(int(counts.max(initial=0))):
+        rows = np.flatnonzero(counts > j)
+        angle = rng.uniform(0, 2 * np.pi, len(rows)).astype(np.float32)
+        direction = np.stack([np.sin(angle), np.cos(angle)], 1)[:, :, None, None]
+        start = centre[rows, :, None, None] + direction * radius[rows, None, None, None] * 0.8
+        length = (radius[rows] * rng.uniform(0.6, 1.5, len(rows))).astype(np.float32)[:, None, None]
+        rel_y, rel_x = yy[None] - start[:, 0], xx[None] - start[:, 1]
+        t = np.clip((rel_y * direction[:, 0] + rel_x * direction[:, 1]) / length, 0.0, 1.0)
+        dist = np.hypot(rel_y - t * length * direction[:, 0], rel_x - t * length * direction[:, 1])
+        line = np.exp(-(dist**2) / (2 * (0.6 * scale) ** 2)) * (1 - t) * 0.8
+        out[rows] = np.maximum(out[rows], line)
     return out

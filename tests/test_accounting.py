@@ -1,0 +1,63 @@
+"""σ calibration, cumulative ε, and agreement with Google's dp-accounting."""
+
+import dp_accounting
+import pytest
+from dp_accounting import rdp
+from opacus.accountants import RDPAccountant
+
+from fedpriv.privacy.accounting import calibrate_noise_multiplier, epsilon_spent, poisson_plan
+from fedpriv.privacy.ledger import PrivacyLedger
+
+
+def dp_accounting_epsilon(history, delta):
+    """The independent accountant: Google's dp-accounting RDP over the same orders."""
+    accountant = rdp.RdpAccountant(orders=RDPAccountant.DEFAULT_ALPHAS)
+    for sigma, q, steps in history:
+        event = dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma))
+        accountant.compose(dp_accounting.SelfComposedDpEvent(event, steps))
+    return accountant.get_epsilon(delta)
+
+
+@pytest.mark.parametrize(
+    "history",
+    [[(1.0, 0.25, 16)], [(0.7, 0.01, 1000)], [(2.0, 0.25, 8), (1.5, 0.1, 30)], [(5.0, 0.5, 3)]],
+)
+def test_epsilon_agrees_with_dp_accounting(history):
+    assert epsilon_spent(history, 1e-5) == pytest.approx(dp_accounting_epsilon(history, 1e-5), rel=0.01)
+
+
+@pytest.mark.parametrize("target", [1.0, 6.0, 8.0, 20.0])
+def test_sigma_calibrated_for_the_whole_run_lands_on_target(target):
+    q, per_epoch = poisson_plan(num_records=210, batch_size=64)
+    steps = 5 * 2 * per_epoch  # rounds × local epochs × steps per epoch
+    sigma = calibrate_noise_multiplier(target, 1e-5, q, steps)
+    eps = epsilon_spent([(sigma, q, steps)], 1e-5)
+    assert eps <= target
+    assert eps == pytest.approx(target, rel=0.01)
+    assert dp_accounting_epsilon([(sigma, q, steps)], 1e-5) == pytest.approx(target, rel=0.01)
+
+
+def test_poisson_plan_matches_opacus_loader_arithmetic():
+    assert poisson_plan(210, 64) == (0.25, 4)
+    assert poisson_plan(64, 64) == (1.0, 1)
+    assert poisson_plan(10, 64) == (1.0, 1)
+
+
+def test_smaller_epsilon_needs_more_noise():
+    q, steps = 0.1, 100
+    sigmas = [calibrate_noise_multiplier(e, 1e-5, q, steps) for e in (1.0, 6.0, 12.0)]
+    assert sigmas[0] > sigmas[1] > sigmas[2]
+
+
+def test_ledger_is_cumulative_per_hospital_and_never_resets():
+    ledger = PrivacyLedger(delta=1e-5)
+    ledger.record(0, 1, 1.0, 0.25, 8)
+    first = ledger.epsilon(0)
+    ledger.record(1, 1, 1.0, 0.25, 8)
+    ledger.record(0, 2, 1.0, 0.25, 8)
+    assert ledger.epsilon(0) > first
+    assert ledger.epsilon(0) == pytest.approx(epsilon_spent([(1.0, 0.25, 16)], 1e-5))
+    assert ledger.epsilon(1) == pytest.approx(first)
+    assert ledger.epsilon(2) == 0.0
+    payload = ledger.to_dict([0, 1, 2])
+    assert len(payload["entries"]) == 3 and payload["epsilon"]["2"] == 0.0

@@ -1,0 +1,40 @@
+"""The default model trains under Opacus with per-layer per-sample gradients that are exact."""
+
+import pytest
+import torch
+from opacus import GradSampleModule
+
+from fedpriv.errors import FedprivError
+from fedpriv.models import build_model
+from fedpriv.settings import ModelSettings
+
+DEFAULT = ModelSettings("fedpriv_vit_hybrid_tiny", (("depth", 2), ("embed_dim", 48), ("num_heads", 2)))
+
+
+@pytest.mark.parametrize("settings", [DEFAULT, ModelSettings("fedpriv_cnn_small")])
+def test_every_trainable_layer_has_an_opacus_grad_sampler(settings):
+    """No functorch fallback: Opacus would otherwise treat the whole ViT as one layer."""
+    model = GradSampleModule(build_model(settings, image_size=32))
+    layers = [m for m in model._module.modules() if any(p.requires_grad for p in m.parameters(recurse=False))]
+    missing = [type(m).__name__ for m in layers if type(m) not in GradSampleModule.GRAD_SAMPLERS]
+    assert not missing
+
+
+def test_per_sample_gradients_equal_single_example_gradients():
+    torch.manual_seed(0)
+    model = build_model(DEFAULT, image_size=32)
+    x = torch.randn(3, 1, 32, 32)
+    gsm = GradSampleModule(model, loss_reduction="sum")
+    gsm(x).sum().backward()
+    per_sample = {n: p.grad_sample.clone() for n, p in model.named_parameters()}
+    for i in range(3):
+        model.zero_grad()
+        model(x[i : i + 1]).sum().backward()
+        for name, p in model.named_parameters():
+            assert torch.allclose(per_sample[name][i], p.grad, atol=1e-5, rtol=1e-4), name
+    assert "patch_embed.pos.weight" in per_sample
+
+
+def test_unknown_model_is_a_clear_error():
+    with pytest.raises(FedprivError, match="model.name='vit_does_not_exist'"):
+        build_model(ModelSettings("vit_does_not_exist"), 64)

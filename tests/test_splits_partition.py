@@ -1,0 +1,69 @@
+import numpy as np
+import pytest
+
+from fedpriv.data.partition import partition_by_patient, partition_table
+from fedpriv.data.phantom import PhantomSpec, generate_phantom_mammo
+from fedpriv.data.records import ImageRecords, SplitData
+from fedpriv.data.splits import split_by_patient
+from fedpriv.errors import FedprivError
+
+
+@pytest.fixture(scope="module")
+def records():
+    spec = PhantomSpec(300, 2, 16, 4, 0.4, 2.5, 1.0)
+    return generate_phantom_mammo(spec, 0)
+
+
+def test_split_is_by_patient_and_keeps_malignant_share(records):
+    split = split_by_patient(records, 0.2, 0.2, seed=0)
+    parts = [split.train, split.val, split.test]
+    assert sum(len(p) for p in parts) == len(records)
+    for i in range(3):
+        for j in range(i + 1, 3):
+            assert not set(parts[i].patients) & set(parts[j].patients)
+    assert abs(len(split.test.patients) - 60) <= 2 and abs(len(split.val.patients) - 60) <= 2
+    for part in parts:
+        assert abs(part.malignant_fraction - records.malignant_fraction) < 0.06
+    split.check_disjoint_patients("test")
+
+
+def test_split_depends_on_seed_only(records):
+    a, b, c = (split_by_patient(records, 0.2, 0.2, seed=s) for s in (1, 1, 2))
+    assert np.array_equal(a.test.patient_ids, b.test.patient_ids)
+    assert not np.array_equal(a.test.patient_ids, c.test.patient_ids)
+
+
+def test_shared_patient_across_splits_is_refused(records):
+    split = SplitData(records.subset(np.arange(10)), records.subset(np.arange(8, 20)), records.subset(np.arange(20, 30)))
+    with pytest.raises(FedprivError, match="both the train and val split"):
+        split.check_disjoint_patients("data=x")
+
+
+@pytest.mark.parametrize("num_clients", [1, 3, 4, 7])
+def test_iid_partition_assigns_every_patient_to_exactly_one_hospital(records, num_clients):
+    shards = partition_by_patient(records, num_clients, "iid", seed=0)
+    rows = np.concatenate(shards)
+    assert sorted(rows) == list(range(len(records)))
+    owner = {}
+    for hospital, index in enumerate(shards):
+        for patient in records.patient_ids[index]:
+            assert owner.setdefault(patient, hospital) == hospital
+    sizes = [len(set(records.patient_ids[s])) for s in shards]
+    assert max(sizes) - min(sizes) <= 2
+    table = partition_table(records, shards)
+    assert [r["images"] for r in table] == [len(s) for s in shards]
+    if num_clients > 1:
+        shares = [r["malignant_pct"] for r in table]
+        assert max(shares) - min(shares) < 12
+
+
+def test_more_hospitals_than_patients_is_refused(records):
+    with pytest.raises(FedprivError, match="num_clients=301"):
+        partition_by_patient(records, 301, "iid", seed=0)
+    with pytest.raises(FedprivError, match="num_clients=0"):
+        partition_by_patient(records, 0, "iid", seed=0)
+
+
+def test_records_reject_ragged_columns():
+    with pytest.raises(ValueError, match="labels"):
+        ImageRecords(np.zeros((3, 1, 4, 4), np.float32), np.zeros(2), np.array(["a", "b", "c"]))
