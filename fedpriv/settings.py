@@ -242,5 +242,9 @@ def _build(kind: type, raw: dict, group: str) -> Any:
             raise FedprivError(f"{group}.{name}={value!r} must be a number")
         if expected == "int" and isinstance(value, float):
             raise FedprivError(f"{group}.{name}={value!r} must be an integer")
+        if expected.startswith("float") and value is not None:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise FedprivError(f"{group}.{name}={value!r} must be a number")
+            value = float(value)
         values[name] = _freeze(value)
     return kind(**values)

@@ -6,10 +6,13 @@ Poisson-subsampled Gaussian mechanism, exactly as Opacus' RDP accountant records
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable
 
+import numpy as np
 from opacus.accountants import RDPAccountant
+from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 from opacus.accountants.utils import get_noise_multiplier
 
 History = list[tuple[float, float, int]]
@@ -39,7 +42,22 @@ def calibrate_noise_multiplier(target_epsilon: float, delta: float, sample_rate:
 
 
 def epsilon_spent(history: Iterable[tuple[float, float, int]], delta: float) -> float:
-    """Cumulative ε (RDP accountant) of every mechanism entry in the history; 0 if none."""
-    accountant = RDPAccountant()
-    accountant.history = [(float(s), float(q), int(n)) for s, q, n in history]
-    return float(accountant.get_epsilon(delta)) if accountant.history else 0.0
+    """Cumulative ε of every mechanism entry in the history; 0 if none.
+
+    The same computation as Opacus' RDPAccountant (RDP adds up over steps, then the RDP →
+    (ε, δ) conversion over its default orders), with the per-step RDP curve cached per
+    (σ, q), so a ledger with many rounds stays cheap.
+    """
+    entries = [(float(s), float(q), int(n)) for s, q, n in history]
+    if not entries:
+        return 0.0
+    rdp = sum(_rdp_per_step(s, q) * n for s, q, n in entries)
+    eps, _ = get_privacy_spent(orders=RDPAccountant.DEFAULT_ALPHAS, rdp=rdp, delta=delta)
+    return float(eps)
+
+
+@functools.lru_cache(maxsize=4096)
+def _rdp_per_step(noise_multiplier: float, sample_rate: float) -> np.ndarray:
+    return np.asarray(
+        compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1, orders=RDPAccountant.DEFAULT_ALPHAS)
+    )

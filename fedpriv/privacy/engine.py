@@ -9,7 +9,7 @@ from opacus import PrivacyEngine
 from torch import nn
 from torch.utils.data import DataLoader
 
-from fedpriv.privacy.accounting import History
+from fedpriv.privacy.accounting import History, epsilon_spent
 
 
 @dataclass
@@ -26,7 +26,8 @@ class PrivateSession:
         return [(float(s), float(q), int(n)) for s, q, n in self.engine.accountant.history]
 
     def epsilon(self, delta: float) -> float:
-        return float(self.engine.accountant.get_epsilon(delta)) if self.engine.accountant.history else 0.0
+        """Cumulative ε of this hospital, everything before this session included."""
+        return epsilon_spent(self.history, delta)
 
     def unwrapped_state(self) -> dict[str, torch.Tensor]:
         return self.model._module.state_dict()
