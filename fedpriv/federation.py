@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -24,7 +25,6 @@ from flwr.simulation import run_simulation
 from fedpriv.settings import BackendSettings
 
 log = logging.getLogger(__name__)
-os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
 StateDict = dict[str, torch.Tensor]
 #: (hospital, global weights, round config, hospital's saved state) →
@@ -83,7 +83,7 @@ class Federation:
         facts = {}
         for reply in self.grid.send_and_receive(messages, timeout=self.timeout):
             if reply.has_error():
-                raise RuntimeError(f"a hospital could not load its data: {reply.error.reason}")
+                raise RuntimeError(f"a hospital could not load its data: {short_reason(reply.error.reason)}")
             metrics = dict(reply.content["metrics"])
             hospital = int(metrics.pop("hospital"))
             self.hospital_of_node[reply.metadata.src_node_id] = hospital
@@ -99,7 +99,7 @@ class Federation:
         for reply in replies:
             hospital = self.hospital_of_node.get(reply.metadata.src_node_id, reply.metadata.src_node_id)
             if reply.has_error():
-                outcome.failed[hospital] = reply.error.reason
+                outcome.failed[hospital] = short_reason(reply.error.reason)
             else:
                 outcome.trained[hospital] = dict(reply.content["metrics"])
                 good.append(reply)
@@ -107,6 +107,16 @@ class Federation:
             arrays, _ = self.strategy.aggregate_train(server_round, good)
             outcome.weights = arrays.to_torch_state_dict() if arrays is not None else None
         return outcome
+
+
+def short_reason(reason: str) -> str:
+    """The exception message of a failed ClientApp, without Ray's wrapping and tracebacks."""
+    plain = re.sub(r"\x1b\[[0-9;]*m", "", reason)
+    marker = "occurred. Message: "
+    if marker in plain:
+        plain = plain.rsplit(marker, 1)[1]
+    lines = [line.strip() for line in plain.strip().strip("'>").splitlines() if line.strip()]
+    return lines[-1].rstrip("'>") if lines else reason
 
 
 def build_server_app(

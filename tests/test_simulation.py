@@ -95,3 +95,15 @@ def test_short_federated_dp_run_on_cbis_ddsm(tmp_path, cbis_root):
     assert all(row["patients"] > 0 for row in table)
     assert summary["privacy"]["max_epsilon"] == pytest.approx(6.0, rel=0.02)
     assert 0.0 <= summary["test"]["auroc"] <= 1.0
+
+
+def test_failure_reason_is_the_exception_message_without_ray_wrapping():
+    from fedpriv.federation import short_reason
+
+    raw = (
+        "<class 'ray.exceptions.RayTaskError(ClientAppException)'>:<'\x1b[36mray::ClientAppActor.run()\x1b[39m "
+        "(pid=1)\n  File \"x.py\", line 1\nflwr.clientapp.client_app.ClientAppException: \n"
+        "Exception ClientAppException occurred. Message: data.root='/x' is not a folder'>"
+    )
+    assert short_reason(raw) == "data.root='/x' is not a folder"
+    assert short_reason("plain failure") == "plain failure"
