@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -10,6 +11,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from fedpriv.privacy.accounting import History, epsilon_spent
+
+# Opacus' hooks fire on the first layer although images need no gradient: expected, harmless.
+warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
 
 
 @dataclass
