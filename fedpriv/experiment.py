@@ -25,21 +25,31 @@ log = logging.getLogger(__name__)
 ROUND_TIMEOUT = 3600.0
 
 
-def run_experiment(settings: RunSettings, run_dir: Path, on_round: Callable[[dict], None] = lambda line: None) -> dict:
-    """Run the configured federation; write every output into run_dir; return the summary."""
+def run_experiment(
+    settings: RunSettings,
+    run_dir: Path,
+    on_round: Callable[[dict], None] = lambda line: None,
+    on_partition: Callable[[list[dict]], None] = lambda table: None,
+) -> dict:
+    """Run the configured federation; write every output into run_dir; return the summary.
+
+    `on_partition` sees the partition table before training, `on_round` each metrics line.
+    """
     started = time.perf_counter()
     splits = load_splits(settings.data, settings.seed)
     splits.check_disjoint_patients(f"data={settings.data.name}")
     shards = partition_by_patient(splits.train, settings.num_clients, settings.partition, settings.seed)
     table = partition_table(splits.train, shards)
-    empty = [row["hospital"] for row in table if row["images"] == 0]
-    if empty:
-        raise FedprivError(f"hospital {empty[0]} would hold no training images; lower num_clients")
+    for row in table:
+        if row["malignant"] == 0 or row["benign"] == 0:
+            log.warning("hospital %d holds only one class (%s)", row["hospital"], row)
     if settings.privacy.mode != "none":
         warn_delta(settings, min(row["images"] for row in table))
 
     run = RunDirectory(run_dir)
     run.write_json("partition.json", table)
+    run.plot_partition(table)
+    on_partition(table)
     ledger = PrivacyLedger(delta=settings.privacy.delta if settings.privacy.delta is not None else 0.0)
     trainer = HospitalTrainer(settings)
     result: dict = {}

@@ -20,6 +20,15 @@ def _clean(value):
     return value
 
 
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 class RunDirectory:
     """Writes one run's outputs; `summary.json` is written last, only by a finished run."""
 
@@ -39,12 +48,26 @@ class RunDirectory:
     def save_weights(self, weights: dict[str, torch.Tensor]) -> None:
         torch.save(weights, self.path / "model.pt")
 
+    def plot_partition(self, table: list[dict]) -> Path:
+        """Benign and malignant training images per hospital, stacked bars."""
+        plt = _pyplot()
+        hospitals = [str(row["hospital"]) for row in table]
+        benign = [row["benign"] for row in table]
+        fig, ax = plt.subplots(figsize=(max(4, 0.5 * len(table) + 2), 3.2))
+        ax.bar(hospitals, benign, label="benign")
+        ax.bar(hospitals, [row["malignant"] for row in table], bottom=benign, label="malignant")
+        ax.set_xlabel("hospital")
+        ax.set_ylabel("training images")
+        ax.legend()
+        fig.tight_layout()
+        target = self.path / "partition.png"
+        fig.savefig(target, dpi=120)
+        plt.close(fig)
+        return target
+
     def plot_rounds(self, lines: list[dict]) -> Path:
         """AUROC (test, val) and max ε per round, one PNG."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = _pyplot()
 
         rounds = [line["round"] for line in lines]
         fig, ax = plt.subplots(figsize=(6, 3.5))

@@ -73,6 +73,21 @@ class PrivacySettings:
 
 
 @dataclass(frozen=True)
+class PartitionSettings:
+    """How training patients are spread over hospitals (`partition=` config group).
+
+    `alpha` is for `dirichlet`, `power` for `quantity`, `column` for `by_column`;
+    `min_patients` is the fewest patients a hospital may get (dirichlet, quantity).
+    """
+
+    name: str
+    alpha: float | None = None
+    power: float | None = None
+    column: str | None = None
+    min_patients: int = 1
+
+
+@dataclass(frozen=True)
 class TrainingSettings:
     """Local optimisation at each hospital (batch size is the expected Poisson batch)."""
 
@@ -107,7 +122,7 @@ class RunSettings:
     data: DataSettings
     model: ModelSettings
     privacy: PrivacySettings
-    partition: str
+    partition: PartitionSettings
     strategy: StrategySettings
     training: TrainingSettings
     backend: BackendSettings
@@ -135,7 +150,7 @@ def settings_from_config(cfg: DictConfig) -> RunSettings:
         data=_build(DATA_SETTINGS[data_name], raw["data"], "data"),
         model=ModelSettings(name=raw["model"]["name"], kwargs=_freeze(raw["model"].get("kwargs") or {})),
         privacy=_build(PrivacySettings, raw["privacy"], "privacy"),
-        partition=raw["partition"]["name"],
+        partition=_build(PartitionSettings, raw["partition"], "partition"),
         strategy=_build(StrategySettings, raw["strategy"], "strategy"),
         training=_build(TrainingSettings, raw["training"], "training"),
         backend=_build(BackendSettings, raw["backend"], "backend"),
@@ -164,6 +179,14 @@ def validate(s: RunSettings) -> None:
             p.max_grad_norm is not None and p.max_grad_norm > 0,
             f"privacy.max_grad_norm={p.max_grad_norm} must be > 0",
         )
+    part = s.partition
+    if part.name == "dirichlet":
+        _require(part.alpha is not None and part.alpha > 0, f"partition.alpha={part.alpha} must be > 0")
+    if part.name == "quantity":
+        _require(part.power is not None and part.power >= 0, f"partition.power={part.power} must be >= 0")
+    if part.name == "by_column":
+        _require(bool(part.column), "partition.column must name a metadata column, e.g. partition.column=site")
+    _require(part.min_patients >= 1, f"partition.min_patients={part.min_patients} must be at least 1")
     t = s.training
     _require(t.batch_size >= 1, f"training.batch_size={t.batch_size} must be at least 1")
     _require(t.eval_batch_size >= 1, f"training.eval_batch_size={t.eval_batch_size} must be at least 1")

@@ -22,6 +22,15 @@ def _fmt(value) -> str:
     return "—" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
+def partition_table(table: list[dict]) -> Table:
+    shown = Table(title="hospitals (training data)")
+    for column in ("hospital", "patients", "images", "malignant_pct"):
+        shown.add_column(column.replace("_pct", " %"), justify="right")
+    for row in table:
+        shown.add_row(*(str(row[c]) for c in ("hospital", "patients", "images", "malignant_pct")))
+    return shown
+
+
 def summary_table(summary: dict, run_dir: Path) -> Table:
     table = Table(title=f"fedpriv run — {run_dir}")
     table.add_column("metric")
@@ -62,7 +71,7 @@ def main(cfg: DictConfig) -> None:
                 eps = f" ε={line['max_epsilon']:.2f}" if line["max_epsilon"] is not None else ""
                 progress.update(task, advance=1, description=f"test AUROC={line['auroc']:.3f}{eps}")
 
-            summary = run_experiment(settings, run_dir, on_round)
+            summary = run_experiment(settings, run_dir, on_round, lambda t: progress.console.print(partition_table(t)))
     except FedprivError as error:
         console.print(f"[bold red]fedpriv:[/] {error}")
         sys.exit(2)

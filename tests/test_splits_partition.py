@@ -6,6 +6,9 @@ from fedpriv.data.phantom import PhantomSpec, generate_phantom_mammo
 from fedpriv.data.records import ImageRecords, SplitData
 from fedpriv.data.splits import split_by_patient
 from fedpriv.errors import FedprivError
+from fedpriv.settings import PartitionSettings
+
+IID = PartitionSettings("iid")
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +44,7 @@ def test_shared_patient_across_splits_is_refused(records):
 
 @pytest.mark.parametrize("num_clients", [1, 3, 4, 7])
 def test_iid_partition_assigns_every_patient_to_exactly_one_hospital(records, num_clients):
-    shards = partition_by_patient(records, num_clients, "iid", seed=0)
+    shards = partition_by_patient(records, num_clients, IID, seed=0)
     rows = np.concatenate(shards)
     assert sorted(rows) == list(range(len(records)))
     owner = {}
@@ -59,11 +62,60 @@ def test_iid_partition_assigns_every_patient_to_exactly_one_hospital(records, nu
 
 def test_more_hospitals_than_patients_is_refused(records):
     with pytest.raises(FedprivError, match="num_clients=301"):
-        partition_by_patient(records, 301, "iid", seed=0)
+        partition_by_patient(records, 301, IID, seed=0)
     with pytest.raises(FedprivError, match="num_clients=0"):
-        partition_by_patient(records, 0, "iid", seed=0)
+        partition_by_patient(records, 0, IID, seed=0)
 
 
 def test_records_reject_ragged_columns():
     with pytest.raises(ValueError, match="labels"):
         ImageRecords(np.zeros((3, 1, 4, 4), np.float32), np.zeros(2), np.array(["a", "b", "c"]))
+
+
+def _owner_by_patient(records, shards):
+    owner = {}
+    for hospital, index in enumerate(shards):
+        for patient in records.patient_ids[index]:
+            assert owner.setdefault(patient, hospital) == hospital, "a patient is in two hospitals"
+    assert len(owner) == len(records.patients)
+    return owner
+
+
+def test_dirichlet_small_alpha_skews_labels_more_than_large_alpha(records):
+    def spread(alpha):
+        shares = []
+        for seed in range(3):
+            shards = partition_by_patient(records, 4, PartitionSettings("dirichlet", alpha=alpha, min_patients=5), seed)
+            _owner_by_patient(records, shards)
+            shares += [r["malignant_pct"] for r in partition_table(records, shards)]
+        return np.std(shares)
+
+    assert spread(0.2) > spread(100.0) + 5
+
+
+def test_dirichlet_that_cannot_meet_min_patients_names_the_fix(records):
+    impossible = PartitionSettings("dirichlet", alpha=0.5, min_patients=100)
+    with pytest.raises(FedprivError, match="partition.alpha"):
+        partition_by_patient(records, 4, impossible, seed=0)
+
+
+def test_quantity_skew_sizes_follow_the_power_law(records):
+    shards = partition_by_patient(records, 4, PartitionSettings("quantity", power=1.0, min_patients=5), seed=0)
+    owner = _owner_by_patient(records, shards)
+    sizes = [list(owner.values()).count(h) for h in range(4)]
+    assert sizes == sorted(sizes, reverse=True) and min(sizes) >= 5
+    assert sizes[0] > 2 * sizes[3]
+    flat = partition_by_patient(records, 4, PartitionSettings("quantity", power=0.0, min_patients=5), seed=0)
+    flat_sizes = [len(set(records.patient_ids[s])) for s in flat]
+    assert max(flat_sizes) - min(flat_sizes) <= 1
+
+
+def test_by_column_gives_one_hospital_per_site(records):
+    shards = partition_by_patient(records, 4, PartitionSettings("by_column", column="site"), seed=0)
+    _owner_by_patient(records, shards)
+    for index in shards:
+        assert len(set(records.metadata["site"][index])) == 1
+    with pytest.raises(FedprivError, match="set num_clients=4"):
+        partition_by_patient(records, 3, PartitionSettings("by_column", column="site"), seed=0)
+    with pytest.raises(FedprivError, match="partition.column='scanner'"):
+        partition_by_patient(records, 4, PartitionSettings("by_column", column="scanner"), seed=0)
