@@ -20,7 +20,7 @@ from fedpriv.models import build_model
 from fedpriv.privacy.accounting import History, calibrate_noise_multiplier, poisson_plan
 from fedpriv.privacy.engine import make_private
 from fedpriv.settings import RunSettings
-from fedpriv.training import RecordDataset, make_optimizer, train_epochs
+from fedpriv.training import RecordDataset, make_optimizer, proximal_pull, train_epochs
 
 
 @functools.lru_cache(maxsize=8)
@@ -57,6 +57,8 @@ class HospitalTrainer:
         model = build_model(s.model, s.data.image_size)
         model.load_state_dict(weights)
         optimizer = make_optimizer(model, s.training)
+        mu = float(config.get("proximal-mu", 0.0))
+        after_step = proximal_pull(model, weights, s.training.lr, mu) if mu > 0 else None
         loader = DataLoader(
             RecordDataset(shard, s.data.augment),
             batch_size=s.training.batch_size,
@@ -65,15 +67,17 @@ class HospitalTrainer:
         )
         metrics = {"hospital": hospital, "num-examples": len(shard)}
         if s.privacy.mode == "local":
-            weights, privacy_metrics, saved = self._train_private(model, optimizer, loader, len(shard), saved, seed)
+            weights, privacy_metrics, saved = self._train_private(
+                model, optimizer, loader, len(shard), saved, seed, after_step
+            )
             metrics.update(privacy_metrics)
         else:
-            metrics["train_loss"] = train_epochs(model, optimizer, loader, s.local_epochs, sum_loss=False)
+            metrics["train_loss"] = train_epochs(model, optimizer, loader, s.local_epochs, False, after_step)
             weights = model.state_dict()
         metrics["seconds"] = time.perf_counter() - started
         return weights, metrics, saved
 
-    def _train_private(self, model, optimizer, loader, n: int, saved: dict, seed: int):
+    def _train_private(self, model, optimizer, loader, n: int, saved: dict, seed: int, after_step):
         s, p = self.settings, self.settings.privacy
         sample_rate, steps_per_epoch = poisson_plan(n, s.training.batch_size)
         if "noise_multiplier" in saved:
@@ -85,7 +89,7 @@ class HospitalTrainer:
         session = make_private(
             model, optimizer, loader, sigma, p.max_grad_norm, before, torch.Generator().manual_seed(seed + 1)
         )
-        loss = train_epochs(session.model, session.optimizer, session.loader, s.local_epochs, sum_loss=True)
+        loss = train_epochs(session.model, session.optimizer, session.loader, s.local_epochs, True, after_step)
         after = session.history
         metrics = {
             "train_loss": loss,

@@ -36,6 +36,7 @@ def run_experiment(
     `on_partition` sees the partition table before training, `on_round` each metrics line.
     """
     started = time.perf_counter()
+    strategy = build_strategy(settings.strategy, settings.num_clients)
     splits = load_splits(settings.data, settings.seed)
     splits.check_disjoint_patients(f"data={settings.data.name}")
     shards = partition_by_patient(splits.train, settings.num_clients, settings.partition, settings.seed)
@@ -57,7 +58,6 @@ def run_experiment(
     def server_main(federation) -> None:
         result["lines"] = run_rounds(federation, settings, splits, run, ledger, on_round)
 
-    strategy = build_strategy(settings.strategy, settings.num_clients)
     run_federation(
         build_server_app(server_main, strategy, settings.num_clients, ROUND_TIMEOUT),
         build_client_app(trainer, trainer.describe),

@@ -101,8 +101,14 @@ class TrainingSettings:
 
 @dataclass(frozen=True)
 class StrategySettings:
+    """Aggregation (`strategy=` group): `proximal_mu` for fedprox, `server_lr`/`tau` for
+    fedadam and fedyogi; `fraction_train` is the share of hospitals sampled per round."""
+
     name: str
     fraction_train: float
+    proximal_mu: float | None = None
+    server_lr: float | None = None
+    tau: float | None = None
 
 
 @dataclass(frozen=True)
@@ -194,9 +200,15 @@ def validate(s: RunSettings) -> None:
     _require(0 <= t.momentum < 1, f"training.momentum={t.momentum} must be in [0, 1)")
     _require(t.weight_decay >= 0, f"training.weight_decay={t.weight_decay} must be >= 0")
     _require(t.optimizer in OPTIMIZERS, f"training.optimizer={t.optimizer!r} is unknown; choose one of {OPTIMIZERS}")
-    _require(
-        0 < s.strategy.fraction_train <= 1, f"strategy.fraction_train={s.strategy.fraction_train} must be in (0, 1]"
-    )
+    st = s.strategy
+    _require(0 < st.fraction_train <= 1, f"strategy.fraction_train={st.fraction_train} must be in (0, 1]")
+    if st.name == "fedprox":
+        _require(
+            st.proximal_mu is not None and st.proximal_mu >= 0, f"strategy.proximal_mu={st.proximal_mu} must be >= 0"
+        )
+    if st.name in ("fedadam", "fedyogi"):
+        _require(st.server_lr is not None and st.server_lr > 0, f"strategy.server_lr={st.server_lr} must be > 0")
+        _require(st.tau is not None and st.tau > 0, f"strategy.tau={st.tau} must be > 0")
     from timm import is_model
 
     import fedpriv.models  # noqa: F401  (registers fedpriv's models in timm)

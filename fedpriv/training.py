@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -42,12 +44,18 @@ def make_optimizer(model: nn.Module, settings: TrainingSettings) -> torch.optim.
 
 
 def train_epochs(
-    model: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader, epochs: int, sum_loss: bool
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loader: DataLoader,
+    epochs: int,
+    sum_loss: bool,
+    after_step: Callable[[], None] | None = None,
 ) -> float:
     """Run `epochs` passes; return the mean per-example loss.
 
     `sum_loss` is for Opacus with loss_reduction="sum" (it divides by the expected batch);
     otherwise the loss is the batch mean. Empty Poisson batches still take a (noisy) step.
+    `after_step` runs after every optimizer step (e.g. FedProx's proximal pull).
     """
     model.train()
     total, count = 0.0, 0
@@ -57,14 +65,41 @@ def train_epochs(
             if len(labels) == 0:  # Poisson sampled nobody: the DP step is noise only
                 _set_empty_grad_samples(model)
                 optimizer.step()
+                if after_step:
+                    after_step()
                 continue
             logits = model(images).reshape(-1)
             loss = F.binary_cross_entropy_with_logits(logits, labels, reduction="sum")
             (loss if sum_loss else loss / max(len(labels), 1)).backward()
             optimizer.step()
+            if after_step:
+                after_step()
             total += float(loss.detach())
             count += len(labels)
     return total / max(count, 1)
+
+
+def proximal_pull(model: nn.Module, global_weights: dict[str, torch.Tensor], lr: float, mu: float) -> Callable[[], None]:
+    """FedProx's proximal term as a decoupled step w ← w − lr·μ·(w − w_global).
+
+    It is applied after the optimizer step, not added to the loss: it does not depend on the
+    data, so it needs no clipping or noise — and Opacus would drop a loss term that does not
+    pass through the model's layers.
+    """
+    pairs = [(p, global_weights[name].to(p.dtype)) for name, p in _named_parameters(model)]
+
+    @torch.no_grad()
+    def pull() -> None:
+        for p, anchor in pairs:
+            p.sub_(lr * mu * (p - anchor))
+
+    return pull
+
+
+def _named_parameters(model: nn.Module):
+    """Parameter names as in the plain model's state dict (Opacus wraps it in `_module`)."""
+    inner = getattr(model, "_module", model)
+    return inner.named_parameters()
 
 
 def _set_empty_grad_samples(model: nn.Module) -> None:

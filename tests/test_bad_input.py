@@ -28,11 +28,26 @@ SPLITS = {"train": "train", "val": "val", "test": "test"}
         ("training.optimizer=rmsprop", "training.optimizer"),
         ("model.name=no_such_model", "model.name"),
         ("data.num_patients=abc", "data.num_patients"),
+        ("strategy.fraction_train=0", "strategy.fraction_train"),
+        ("partition=dirichlet partition.alpha=0", "partition.alpha"),
     ],
 )
 def test_bad_setting_names_the_key(override, key):
     with pytest.raises(FedprivError, match=key.replace(".", r"\.")):
-        make_settings([override])
+        make_settings(override.split())
+
+
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        (["strategy=fedprox", "strategy.proximal_mu=-0.1"], "strategy.proximal_mu"),
+        (["strategy=fedadam", "strategy.server_lr=0"], "strategy.server_lr"),
+        (["strategy=fedyogi", "strategy.tau=-1"], "strategy.tau"),
+    ],
+)
+def test_bad_strategy_settings(overrides, key):
+    with pytest.raises(FedprivError, match=key.replace(".", r"\.")):
+        make_settings(overrides)
 
 
 def test_missing_data_root_says_how_to_set_it():

@@ -7,8 +7,12 @@ import pytest
 import timm
 from timm.models import register_model
 
+import torch
+
 from conftest import TINY, make_settings
+from fedpriv.client import HospitalTrainer
 from fedpriv.errors import FedprivError
+from fedpriv.server import initial_weights
 from fedpriv.experiment import run_experiment
 from fedpriv.models import SmallGroupNormCNN
 from test_accounting import dp_accounting_epsilon
@@ -58,7 +62,7 @@ def _train_patients(settings):
     return load_splits(settings.data, settings.seed).train.patient_ids
 
 
-def test_central_baseline_is_one_hospital_with_all_training_data(tmp_path):
+def test_central_baseline_is_one_hospital_with_all_training_data_and_equals_local_training(tmp_path):
     settings = make_settings([*TINY, "num_clients=1", "privacy=none"])
     summary = run_experiment(settings, tmp_path)
     assert len(summary["partition"]) == 1
@@ -66,6 +70,14 @@ def test_central_baseline_is_one_hospital_with_all_training_data(tmp_path):
     assert summary["privacy"] == {"mode": "none"}
     lines = read_lines(tmp_path)
     assert len(lines) == 2 and lines[-1]["epsilon"] is None and lines[-1]["hospitals_trained"] == [0]
+
+    # FedAvg over one hospital is plain local training: redo both rounds in this process.
+    trainer, weights, saved = HospitalTrainer(settings), initial_weights(settings), {}
+    for server_round in (1, 2):
+        weights, _, saved = trainer(0, weights, {"server-round": server_round}, saved)
+    federated = torch.load(tmp_path / "model.pt")
+    for name, tensor in weights.items():
+        assert torch.allclose(federated[name], tensor, atol=1e-5), name
 
 
 @register_model
@@ -107,3 +119,14 @@ def test_failure_reason_is_the_exception_message_without_ray_wrapping():
     )
     assert short_reason(raw) == "data.root='/x' is not a folder"
     assert short_reason("plain failure") == "plain failure"
+
+
+@pytest.mark.parametrize("strategy", ["fedprox", "fedyogi"])
+def test_other_strategies_run_through_the_engine_with_the_same_accounting(tmp_path, strategy):
+    settings = make_settings([*TINY, f"strategy={strategy}", "privacy.target_epsilon=4"])
+    summary = run_experiment(settings, tmp_path)
+    lines = read_lines(tmp_path)
+    assert len(lines) == 2 and all(math.isfinite(line["auroc"]) for line in lines)
+    assert lines[-1]["hospitals_trained"] == [0, 1]
+    # the strategy changes aggregation, never what a hospital's records cost
+    assert summary["privacy"]["max_epsilon"] == pytest.approx(4.0, rel=0.02)
