@@ -17,7 +17,7 @@ from fedpriv.data.partition import partition_by_patient
 from fedpriv.data.records import ImageRecords
 from fedpriv.data.sources import load_splits
 from fedpriv.models import build_model
-from fedpriv.privacy.accounting import History, calibrate_noise_multiplier, poisson_plan
+from fedpriv.privacy.accounting import History, calibrate_noise_multiplier, epsilon_spent, poisson_plan
 from fedpriv.privacy.engine import make_private
 from fedpriv.settings import RunSettings
 from fedpriv.training import RecordDataset, make_optimizer, proximal_pull, train_epochs
@@ -86,6 +86,12 @@ class HospitalTrainer:
             planned = s.rounds * s.local_epochs * steps_per_epoch
             sigma = calibrate_noise_multiplier(p.target_epsilon, p.delta, sample_rate, planned)
         before = _decode_history(saved)
+        next_round = before + [(sigma, sample_rate, s.local_epochs * steps_per_epoch)]
+        if epsilon_spent(next_round, p.delta) > p.budget:
+            # This hospital's budget would be exceeded: it does not train, and says why.
+            unchanged = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            metrics = {"budget_exhausted": 1, "epsilon": epsilon_spent(before, p.delta)}
+            return unchanged, metrics, saved
         session = make_private(
             model, optimizer, loader, sigma, p.max_grad_norm, before, torch.Generator().manual_seed(seed + 1)
         )

@@ -68,6 +68,7 @@ def run_experiment(
         raise FedprivError("the simulation stopped before all rounds finished; see the log above")
     lines = result["lines"]
     run.plot_rounds(lines)
+    run.plot_privacy_utility(lines)
     summary = make_summary(settings, lines, ledger, table, time.perf_counter() - started)
     run.write_json("summary.json", summary)
     return summary
@@ -92,6 +93,7 @@ def make_summary(settings: RunSettings, lines: list[dict], ledger: PrivacyLedger
         privacy.update(
             accountant="rdp",
             target_epsilon=settings.privacy.target_epsilon,
+            budget_epsilon=settings.privacy.budget,
             delta=settings.privacy.delta,
             max_grad_norm=settings.privacy.max_grad_norm,
             max_epsilon=max(v["epsilon"] for v in per_hospital.values()),
@@ -103,6 +105,7 @@ def make_summary(settings: RunSettings, lines: list[dict], ledger: PrivacyLedger
         "privacy": privacy,
         "num_clients": settings.num_clients,
         "rounds": settings.rounds,
+        "rounds_completed": len(lines),
         "local_epochs": settings.local_epochs,
         "seed": settings.seed,
         "model": settings.model.name,

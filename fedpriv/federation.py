@@ -65,6 +65,7 @@ class RoundOutcome:
 
     trained: dict[int, dict] = field(default_factory=dict)
     failed: dict[int, str] = field(default_factory=dict)
+    exhausted: dict[int, dict] = field(default_factory=dict)  # declined: privacy budget spent
     weights: StateDict | None = None
 
 
@@ -100,6 +101,8 @@ class Federation:
             hospital = self.hospital_of_node.get(reply.metadata.src_node_id, reply.metadata.src_node_id)
             if reply.has_error():
                 outcome.failed[hospital] = short_reason(reply.error.reason)
+            elif reply.content["metrics"].get("budget_exhausted"):
+                outcome.exhausted[hospital] = dict(reply.content["metrics"])
             else:
                 outcome.trained[hospital] = dict(reply.content["metrics"])
                 good.append(reply)

@@ -65,6 +65,26 @@ class RunDirectory:
         plt.close(fig)
         return target
 
+    def plot_privacy_utility(self, lines: list[dict]) -> Path | None:
+        """Test and val AUROC against the ε spent so far (max over hospitals), per round."""
+        if not lines or lines[0]["max_epsilon"] is None:
+            return None
+        plt = _pyplot()
+        eps = [line["max_epsilon"] for line in lines]
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        ax.plot(eps, [line["auroc"] for line in lines], "o-", label="test")
+        ax.plot(eps, [line["val_auroc"] for line in lines], "s--", label="val")
+        for line, x in zip(lines, eps):
+            ax.annotate(str(line["round"]), (x, line["auroc"]), textcoords="offset points", xytext=(3, 3), fontsize=7)
+        ax.set_xlabel("ε spent (max over hospitals)")
+        ax.set_ylabel("AUROC")
+        ax.legend(title="split")
+        fig.tight_layout()
+        target = self.path / "privacy_utility.png"
+        fig.savefig(target, dpi=120)
+        plt.close(fig)
+        return target
+
     def plot_rounds(self, lines: list[dict]) -> Path:
         """AUROC (test, val) and max ε per round, one PNG."""
         plt = _pyplot()

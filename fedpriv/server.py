@@ -54,6 +54,16 @@ def run_rounds(
         outcome = federation.train_round(server_round, weights, {"rounds": settings.rounds})
         for hospital, reason in outcome.failed.items():
             log.warning("round %d: hospital %s failed: %s", server_round, hospital, reason)
+        for hospital in outcome.exhausted:
+            log.warning("round %d: hospital %s declined: its privacy budget would be exceeded", server_round, hospital)
+        if outcome.exhausted and not outcome.trained and not outcome.failed:
+            if not lines:
+                raise FedprivError(
+                    f"privacy.budget_epsilon={settings.privacy.budget} is below what one round costs; "
+                    "raise it, or lower local_epochs"
+                )
+            log.warning("round %d: no hospital can train within its privacy budget; the run ends", server_round)
+            break
         if not outcome.trained or outcome.weights is None:
             reasons = "; ".join(f"hospital {h}: {r}" for h, r in outcome.failed.items()) or "no replies"
             raise FedprivError(f"round {server_round}: no hospital trained successfully ({reasons})")
@@ -69,6 +79,7 @@ def run_rounds(
             "max_epsilon": max(ledger.epsilon(h) for h in hospitals) if settings.privacy.mode != "none" else None,
             "hospitals_trained": sorted(outcome.trained),
             "hospitals_failed": {str(h): r for h, r in outcome.failed.items()},
+            "hospitals_exhausted": sorted(outcome.exhausted),
             "client_seconds": {str(h): m["seconds"] for h, m in outcome.trained.items()},
             "train_seconds": train_seconds,
             "seconds": time.perf_counter() - started,

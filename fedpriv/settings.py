@@ -70,6 +70,11 @@ class PrivacySettings:
     target_epsilon: float | None = None
     delta: float | None = None
     max_grad_norm: float | None = None
+    budget_epsilon: float | None = None  # a hospital's hard cap; None = target_epsilon
+
+    @property
+    def budget(self) -> float | None:
+        return self.budget_epsilon if self.budget_epsilon is not None else self.target_epsilon
 
 
 @dataclass(frozen=True)
@@ -184,6 +189,10 @@ def validate(s: RunSettings) -> None:
         _require(
             p.max_grad_norm is not None and p.max_grad_norm > 0,
             f"privacy.max_grad_norm={p.max_grad_norm} must be > 0",
+        )
+        _require(
+            p.budget_epsilon is None or p.budget_epsilon > 0,
+            f"privacy.budget_epsilon={p.budget_epsilon} must be > 0 (or null: the target)",
         )
     part = s.partition
     if part.name == "dirichlet":

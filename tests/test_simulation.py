@@ -52,7 +52,7 @@ def test_federated_dp_run_is_accounted_cumulatively_and_cross_checked(tmp_path):
     assert written["test"]["auroc"] == pytest.approx(lines[-1]["auroc"])
     assert written["num_clients"] == 2 and written["rounds"] == 2 and written["wall_seconds"] > 0
     assert sum(row["patients"] for row in written["partition"]) == len(set(_train_patients(settings)))
-    for name in ("model.pt", "rounds.png", "partition.json"):
+    for name in ("model.pt", "rounds.png", "privacy_utility.png", "partition.json", "partition.png"):
         assert (tmp_path / name).stat().st_size > 0
 
 
@@ -130,3 +130,21 @@ def test_other_strategies_run_through_the_engine_with_the_same_accounting(tmp_pa
     assert lines[-1]["hospitals_trained"] == [0, 1]
     # the strategy changes aggregation, never what a hospital's records cost
     assert summary["privacy"]["max_epsilon"] == pytest.approx(4.0, rel=0.02)
+
+
+def test_budget_stops_exactly_the_hospitals_that_would_exceed_it_and_the_run_ends_cleanly(tmp_path):
+    # planned for ε=4 over 3 rounds; a cap of 2.6 allows one round (≈2.3) but not two (≈3.3)
+    settings = make_settings([*TINY, "rounds=3", "privacy.target_epsilon=4", "privacy.budget_epsilon=2.6"])
+    summary = run_experiment(settings, tmp_path)
+    lines = read_lines(tmp_path)
+    assert len(lines) == 1 and summary["rounds_completed"] == 1 and summary["rounds"] == 3
+    for info in summary["privacy"]["hospitals"].values():
+        assert 0 < info["epsilon"] <= 2.6
+    assert (tmp_path / "summary.json").exists()
+
+
+def test_budget_below_one_round_is_a_clear_error(tmp_path):
+    settings = make_settings([*TINY, "privacy.target_epsilon=4", "privacy.budget_epsilon=0.1"])
+    with pytest.raises(FedprivError, match="privacy.budget_epsilon=0.1 is below what one round costs"):
+        run_experiment(settings, tmp_path)
+    assert not (tmp_path / "summary.json").exists()
