@@ -21,6 +21,7 @@ from fedpriv.privacy.accounting import History, calibrate_noise_multiplier, epsi
 from fedpriv.privacy.engine import make_private
 from fedpriv.settings import RunSettings
 from fedpriv.training import RecordDataset, make_optimizer, proximal_pull, train_epochs
+from strategies import UNIFORM_WEIGHT
 
 
 @functools.lru_cache(maxsize=8)
@@ -65,8 +66,8 @@ class HospitalTrainer:
             shuffle=True,
             generator=torch.Generator().manual_seed(seed),
         )
-        metrics = {"hospital": hospital, "num-examples": len(shard)}
-        if s.privacy.mode == "local":
+        metrics = {"hospital": hospital, "num-examples": len(shard), UNIFORM_WEIGHT: 1}
+        if s.privacy.local:
             weights, privacy_metrics, saved = self._train_private(
                 model, optimizer, loader, len(shard), saved, seed, after_step
             )

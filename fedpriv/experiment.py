@@ -17,7 +17,8 @@ from fedpriv.outputs import RunDirectory
 from fedpriv.privacy.ledger import PrivacyLedger
 from fedpriv.server import run_rounds
 from fedpriv.settings import RunSettings, warn_delta
-from strategies import build_strategy
+from fedpriv.privacy.ledger import FEDERATION
+from strategies import build_strategy, central_noise_multiplier, clients_per_round
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ def run_experiment(
     `on_partition` sees the partition table before training, `on_round` each metrics line.
     """
     started = time.perf_counter()
-    strategy = build_strategy(settings.strategy, settings.num_clients)
+    strategy = build_strategy(settings)
     splits = load_splits(settings.data, settings.seed)
     splits.check_disjoint_patients(f"data={settings.data.name}")
     shards = partition_by_patient(splits.train, settings.num_clients, settings.partition, settings.seed)
@@ -44,7 +45,7 @@ def run_experiment(
     for row in table:
         if row["malignant"] == 0 or row["benign"] == 0:
             log.warning("hospital %d holds only one class (%s)", row["hospital"], row)
-    if settings.privacy.mode != "none":
+    if settings.privacy.local:
         warn_delta(settings, min(row["images"] for row in table))
 
     run = RunDirectory(run_dir)
@@ -59,7 +60,7 @@ def run_experiment(
         result["lines"] = run_rounds(federation, settings, splits, run, ledger, on_round)
 
     run_federation(
-        build_server_app(server_main, strategy, settings.num_clients, ROUND_TIMEOUT),
+        build_server_app(server_main, strategy, settings.num_clients, ROUND_TIMEOUT, settings.privacy.central),
         build_client_app(trainer, trainer.describe),
         settings.num_clients,
         settings.backend,
@@ -80,7 +81,18 @@ def make_summary(settings: RunSettings, lines: list[dict], ledger: PrivacyLedger
     utility_keys = ("auroc", "auprc", "accuracy", "sensitivity", "specificity")
     hospitals = [row["hospital"] for row in table]
     privacy: dict = {"mode": settings.privacy.mode}
-    if settings.privacy.mode == "local":
+    if settings.privacy.central:
+        releases = [e for e in ledger.entries if e.hospital == FEDERATION]
+        privacy["client_level"] = {
+            "epsilon": ledger.client_level_epsilon(),
+            "target_epsilon": settings.privacy.client_target_epsilon,
+            "delta": settings.privacy.delta,
+            "noise_multiplier": central_noise_multiplier(settings),
+            "update_clip_norm": settings.privacy.update_clip_norm,
+            "clients_per_round": clients_per_round(settings.strategy, settings.num_clients),
+            "releases": len(releases),
+        }
+    if settings.privacy.local:
         per_hospital = {}
         for h in hospitals:
             entries = [e for e in ledger.entries if e.hospital == h]

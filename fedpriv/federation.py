@@ -72,9 +72,13 @@ class RoundOutcome:
 class Federation:
     """The server's handle on the simulated hospitals: discovery and training rounds."""
 
-    def __init__(self, grid: Grid, strategy: Strategy, num_hospitals: int, timeout: float) -> None:
+    def __init__(
+        self, grid: Grid, strategy: Strategy, num_hospitals: int, timeout: float, all_or_nothing: bool
+    ) -> None:
         self.grid, self.strategy, self.timeout = grid, strategy, timeout
         self.num_hospitals = num_hospitals
+        # Central DP noise is scaled for every sampled hospital: a partial round is not released.
+        self.all_or_nothing = all_or_nothing
         self.hospital_of_node: dict[int, int] = {}
 
     def describe_hospitals(self) -> dict[int, dict]:
@@ -106,9 +110,12 @@ class Federation:
             else:
                 outcome.trained[hospital] = dict(reply.content["metrics"])
                 good.append(reply)
-        if good:
+        complete = len(good) == len(replies)
+        if good and (complete or not self.all_or_nothing):
             arrays, _ = self.strategy.aggregate_train(server_round, good)
             outcome.weights = arrays.to_torch_state_dict() if arrays is not None else None
+        elif self.all_or_nothing:
+            self.strategy.aggregate_train(server_round, [])  # settles the wrapper's pending round
         return outcome
 
 
@@ -123,14 +130,14 @@ def short_reason(reason: str) -> str:
 
 
 def build_server_app(
-    main: Callable[[Federation], None], strategy: Strategy, num_hospitals: int, timeout: float
+    main: Callable[[Federation], None], strategy: Strategy, num_hospitals: int, timeout: float, all_or_nothing: bool
 ) -> ServerApp:
     """A ServerApp that hands `main` a Federation over the simulation's grid."""
     app = ServerApp()
 
     @app.main()
     def _main(grid: Grid, context: Context) -> None:
-        main(Federation(grid, strategy, num_hospitals, timeout))
+        main(Federation(grid, strategy, num_hospitals, timeout, all_or_nothing))
 
     return app
 

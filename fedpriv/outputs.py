@@ -67,16 +67,17 @@ class RunDirectory:
 
     def plot_privacy_utility(self, lines: list[dict]) -> Path | None:
         """Test and val AUROC against the ε spent so far (max over hospitals), per round."""
-        if not lines or lines[0]["max_epsilon"] is None:
+        key = "max_epsilon" if lines and lines[0]["max_epsilon"] is not None else "client_epsilon"
+        if not lines or lines[0][key] is None:
             return None
         plt = _pyplot()
-        eps = [line["max_epsilon"] for line in lines]
+        eps = [line[key] for line in lines]
         fig, ax = plt.subplots(figsize=(5, 3.5))
         ax.plot(eps, [line["auroc"] for line in lines], "o-", label="test")
         ax.plot(eps, [line["val_auroc"] for line in lines], "s--", label="val")
         for line, x in zip(lines, eps):
             ax.annotate(str(line["round"]), (x, line["auroc"]), textcoords="offset points", xytext=(3, 3), fontsize=7)
-        ax.set_xlabel("ε spent (max over hospitals)")
+        ax.set_xlabel("record-level ε (max over hospitals)" if key == "max_epsilon" else "client-level ε")
         ax.set_ylabel("AUROC")
         ax.legend(title="split")
         fig.tight_layout()

@@ -18,6 +18,7 @@ from fedpriv.outputs import RunDirectory
 from fedpriv.privacy.ledger import PrivacyLedger
 from fedpriv.settings import RunSettings
 from fedpriv.training import predict
+from strategies import central_noise_multiplier
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,7 @@ def run_rounds(
     """All rounds; returns the metrics lines (also appended to metrics.jsonl as they come)."""
     hospitals = list(federation.describe_hospitals())
     weights = initial_weights(settings)
+    central_sigma = central_noise_multiplier(settings) if settings.privacy.central else None
     lines = []
     for server_round in range(1, settings.rounds + 1):
         started = time.perf_counter()
@@ -64,19 +66,28 @@ def run_rounds(
                 )
             log.warning("round %d: no hospital can train within its privacy budget; the run ends", server_round)
             break
-        if not outcome.trained or outcome.weights is None:
+        if not outcome.trained:
             reasons = "; ".join(f"hospital {h}: {r}" for h, r in outcome.failed.items()) or "no replies"
             raise FedprivError(f"round {server_round}: no hospital trained successfully ({reasons})")
-        if settings.privacy.mode == "local":
+        if settings.privacy.local:  # spent by every hospital that trained, released or not
             _account(ledger, server_round, outcome.trained)
-        weights = outcome.weights
+        released = outcome.weights is not None
+        if released:
+            weights = outcome.weights
+            if settings.privacy.central:
+                ledger.record_release(server_round, central_sigma, 1.0)
+        else:
+            log.warning("round %d: not every sampled hospital replied; under central DP the round is not released", server_round)
         train_seconds = time.perf_counter() - started
+        local = settings.privacy.local
         line = {
             "round": server_round,
             **evaluate(settings, weights, splits),
             "train_loss": _weighted_mean(outcome.trained, "train_loss"),
-            "epsilon": {str(h): ledger.epsilon(h) for h in hospitals} if settings.privacy.mode != "none" else None,
-            "max_epsilon": max(ledger.epsilon(h) for h in hospitals) if settings.privacy.mode != "none" else None,
+            "epsilon": {str(h): ledger.epsilon(h) for h in hospitals} if local else None,
+            "max_epsilon": max(ledger.epsilon(h) for h in hospitals) if local else None,
+            "client_epsilon": ledger.client_level_epsilon() if settings.privacy.central else None,
+            "released": released,
             "hospitals_trained": sorted(outcome.trained),
             "hospitals_failed": {str(h): r for h, r in outcome.failed.items()},
             "hospitals_exhausted": sorted(outcome.exhausted),

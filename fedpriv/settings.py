@@ -64,13 +64,25 @@ class ModelSettings:
 
 @dataclass(frozen=True)
 class PrivacySettings:
-    """`mode=none` trains without DP; `mode=local` runs record-level DP-SGD at each hospital."""
+    """`none`; `local`: record-level DP-SGD at each hospital (target_epsilon, max_grad_norm,
+    budget_epsilon); `central`: client-level DP-FedAvg at the server (client_target_epsilon,
+    update_clip_norm); `local_central`: both. `delta` serves both guarantees."""
 
     mode: str
-    target_epsilon: float | None = None
     delta: float | None = None
+    target_epsilon: float | None = None
     max_grad_norm: float | None = None
     budget_epsilon: float | None = None  # a hospital's hard cap; None = target_epsilon
+    client_target_epsilon: float | None = None
+    update_clip_norm: float | None = None
+
+    @property
+    def local(self) -> bool:
+        return self.mode in ("local", "local_central")
+
+    @property
+    def central(self) -> bool:
+        return self.mode in ("central", "local_central")
 
     @property
     def budget(self) -> float | None:
@@ -111,6 +123,7 @@ class StrategySettings:
 
     name: str
     fraction_train: float
+    clients_per_round: int | None = None  # overrides fraction_train when set
     proximal_mu: float | None = None
     server_lr: float | None = None
     tau: float | None = None
@@ -139,7 +152,7 @@ class RunSettings:
     backend: BackendSettings
 
 
-PRIVACY_MODES = ("none", "local")
+PRIVACY_MODES = ("none", "local", "central", "local_central")
 OPTIMIZERS = ("sgd", "adamw")
 
 
@@ -178,13 +191,25 @@ def validate(s: RunSettings) -> None:
     _require(s.seed >= 0, "seed must be a non-negative integer")
     p = s.privacy
     _require(p.mode in PRIVACY_MODES, f"privacy.mode={p.mode!r} is unknown; choose one of {PRIVACY_MODES}")
-    if p.mode == "local":
+    if p.mode != "none":
+        _require(
+            p.delta is not None and 0 < p.delta < 1, f"privacy.delta={p.delta} must be strictly between 0 and 1"
+        )
+    if p.central:
+        _require(
+            p.client_target_epsilon is not None
+            and math.isfinite(p.client_target_epsilon)
+            and p.client_target_epsilon > 0,
+            f"privacy.client_target_epsilon={p.client_target_epsilon} must be a finite number > 0",
+        )
+        _require(
+            p.update_clip_norm is not None and p.update_clip_norm > 0,
+            f"privacy.update_clip_norm={p.update_clip_norm} must be > 0",
+        )
+    if p.local:
         _require(
             p.target_epsilon is not None and math.isfinite(p.target_epsilon) and p.target_epsilon > 0,
             f"privacy.target_epsilon={p.target_epsilon} must be a finite number > 0 (use privacy=none for no DP)",
-        )
-        _require(
-            p.delta is not None and 0 < p.delta < 1, f"privacy.delta={p.delta} must be strictly between 0 and 1"
         )
         _require(
             p.max_grad_norm is not None and p.max_grad_norm > 0,
@@ -211,6 +236,11 @@ def validate(s: RunSettings) -> None:
     _require(t.optimizer in OPTIMIZERS, f"training.optimizer={t.optimizer!r} is unknown; choose one of {OPTIMIZERS}")
     st = s.strategy
     _require(0 < st.fraction_train <= 1, f"strategy.fraction_train={st.fraction_train} must be in (0, 1]")
+    if st.clients_per_round is not None:
+        _require(
+            1 <= st.clients_per_round <= s.num_clients,
+            f"strategy.clients_per_round={st.clients_per_round} must be between 1 and num_clients={s.num_clients}",
+        )
     if st.name == "fedprox":
         _require(
             st.proximal_mu is not None and st.proximal_mu >= 0, f"strategy.proximal_mu={st.proximal_mu} must be >= 0"
@@ -239,7 +269,7 @@ def validate(s: RunSettings) -> None:
 def warn_delta(settings: RunSettings, smallest_hospital_records: int) -> None:
     """DP's δ should be well below 1/n; say so (it is legal, but weak)."""
     delta = settings.privacy.delta
-    if settings.privacy.mode != "none" and delta is not None and delta >= 1 / smallest_hospital_records:
+    if settings.privacy.local and delta is not None and delta >= 1 / smallest_hospital_records:
         log.warning(
             "privacy.delta=%g is not much smaller than 1/n = %g for the smallest hospital; "
             "the guarantee is weak — consider privacy.delta=%g",

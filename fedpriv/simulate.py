@@ -39,12 +39,16 @@ def summary_table(summary: dict, run_dir: Path) -> Table:
         table.add_row(f"test {key}", _fmt(value))
     privacy = summary["privacy"]
     table.add_row("privacy", privacy["mode"])
-    if privacy["mode"] == "local":
+    if "hospitals" in privacy:
         table.add_row("ε spent (max over hospitals)", _fmt(privacy["max_epsilon"]))
         table.add_row("δ", f"{privacy['delta']:g}")
         for h, p in privacy["hospitals"].items():
             table.add_row(f"hospital {h}: ε / σ / q / steps", f"{p['epsilon']:.3f} / {p['noise_multiplier']:.3f} / {p['sample_rate']:.3f} / {p['steps']}")
-    table.add_row("hospitals × rounds", f"{summary['num_clients']} × {summary['rounds']}")
+    if "client_level" in privacy:
+        c = privacy["client_level"]
+        table.add_row("client-level ε (DP-FedAvg)", _fmt(c["epsilon"]))
+        table.add_row("client-level σ / clip / releases", f"{c['noise_multiplier']:.3f} / {c['update_clip_norm']:g} / {c['releases']}")
+    table.add_row("hospitals × rounds", f"{summary['num_clients']} × {summary['rounds_completed']}/{summary['rounds']}")
     table.add_row("wall seconds", f"{summary['wall_seconds']:.1f}")
     return table
 
@@ -69,6 +73,7 @@ def main(cfg: DictConfig) -> None:
 
             def on_round(line: dict) -> None:
                 eps = f" ε={line['max_epsilon']:.2f}" if line["max_epsilon"] is not None else ""
+                eps += f" client ε={line['client_epsilon']:.2f}" if line["client_epsilon"] is not None else ""
                 progress.update(task, advance=1, description=f"test AUROC={line['auroc']:.3f}{eps}")
 
             summary = run_experiment(settings, run_dir, on_round, lambda t: progress.console.print(partition_table(t)))

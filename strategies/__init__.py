@@ -6,46 +6,88 @@ evaluation (hospitals do not evaluate) and waits for the whole federation to con
 
 from __future__ import annotations
 
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, FedYogi, Strategy
+from flwr.serverapp.strategy import (
+    DifferentialPrivacyServerSideFixedClipping,
+    FedAdam,
+    FedAvg,
+    FedProx,
+    FedYogi,
+    Strategy,
+)
 
 from fedpriv.errors import FedprivError
-from fedpriv.settings import StrategySettings
+from fedpriv.privacy.accounting import calibrate_noise_multiplier
+from fedpriv.settings import RunSettings, StrategySettings
+
+#: Metric every hospital reports as 1: the aggregation weight under central DP, where a
+#: hospital's update must count the same whatever its size (sensitivity C / sampled).
+UNIFORM_WEIGHT = "uniform-weight"
 
 
-def _sampling(settings: StrategySettings, num_clients: int) -> dict:
+def clients_per_round(settings: StrategySettings, num_clients: int) -> int:
+    """How many hospitals Flower samples each round (the same rule as FedAvg.configure_train)."""
+    if settings.clients_per_round is not None:
+        return settings.clients_per_round
+    return max(int(num_clients * settings.fraction_train), 1)
+
+
+def _sampling(settings: StrategySettings, num_clients: int, weighted_by: str) -> dict:
+    sampled = clients_per_round(settings, num_clients)
     return {
-        "fraction_train": settings.fraction_train,
+        "fraction_train": sampled / num_clients,
         "fraction_evaluate": 0.0,
-        "min_train_nodes": 1,
+        "min_train_nodes": sampled,
         "min_evaluate_nodes": 0,
         "min_available_nodes": num_clients,
+        "weighted_by_key": weighted_by,
     }
 
 
-def fedavg(settings: StrategySettings, num_clients: int) -> Strategy:
+def fedavg(settings: StrategySettings, sampling: dict) -> Strategy:
     """FedAvg weighted by each hospital's number of training examples."""
-    return FedAvg(**_sampling(settings, num_clients))
+    return FedAvg(**sampling)
 
 
-def fedprox(settings: StrategySettings, num_clients: int) -> Strategy:
+def fedprox(settings: StrategySettings, sampling: dict) -> Strategy:
     """FedAvg aggregation; hospitals add the proximal pull μ(w − w_global) to their steps."""
-    return FedProx(**_sampling(settings, num_clients), proximal_mu=settings.proximal_mu)
+    return FedProx(**sampling, proximal_mu=settings.proximal_mu)
 
 
-def fedadam(settings: StrategySettings, num_clients: int) -> Strategy:
+def fedadam(settings: StrategySettings, sampling: dict) -> Strategy:
     """Server-side Adam on the averaged update (server learning rate `server_lr`)."""
-    return FedAdam(**_sampling(settings, num_clients), eta=settings.server_lr, tau=settings.tau)
+    return FedAdam(**sampling, eta=settings.server_lr, tau=settings.tau)
 
 
-def fedyogi(settings: StrategySettings, num_clients: int) -> Strategy:
+def fedyogi(settings: StrategySettings, sampling: dict) -> Strategy:
     """Server-side Yogi on the averaged update (server learning rate `server_lr`)."""
-    return FedYogi(**_sampling(settings, num_clients), eta=settings.server_lr, tau=settings.tau)
+    return FedYogi(**sampling, eta=settings.server_lr, tau=settings.tau)
 
 
 STRATEGIES = {"fedavg": fedavg, "fedprox": fedprox, "fedadam": fedadam, "fedyogi": fedyogi}
 
 
-def build_strategy(settings: StrategySettings, num_clients: int) -> Strategy:
-    if settings.name not in STRATEGIES:
-        raise FedprivError(f"strategy={settings.name!r} is unknown; choose one of {sorted(STRATEGIES)}")
-    return STRATEGIES[settings.name](settings, num_clients)
+def central_noise_multiplier(settings: RunSettings) -> float:
+    """σ of client-level DP-FedAvg, calibrated so the planned rounds land on
+    privacy.client_target_epsilon. Accounted without amplification by client sampling
+    (q = 1): Flower samples a fixed number of hospitals, for which Poisson-subsampling
+    amplification does not hold, so this is an honest upper bound."""
+    p = settings.privacy
+    return calibrate_noise_multiplier(p.client_target_epsilon, p.delta, 1.0, settings.rounds)
+
+
+def build_strategy(settings: RunSettings) -> Strategy:
+    """The configured Flower strategy; under central DP wrapped in Flower's server-side
+    fixed-clipping DP wrapper, with uniform weights."""
+    st, n = settings.strategy, settings.num_clients
+    if st.name not in STRATEGIES:
+        raise FedprivError(f"strategy={st.name!r} is unknown; choose one of {sorted(STRATEGIES)}")
+    central = settings.privacy.central
+    strategy = STRATEGIES[st.name](st, _sampling(st, n, UNIFORM_WEIGHT if central else "num-examples"))
+    if not central:
+        return strategy
+    return DifferentialPrivacyServerSideFixedClipping(
+        strategy,
+        noise_multiplier=central_noise_multiplier(settings),
+        clipping_norm=settings.privacy.update_clip_norm,
+        num_sampled_clients=clients_per_round(st, n),
+    )

@@ -61,3 +61,16 @@ def test_ledger_is_cumulative_per_hospital_and_never_resets():
     assert ledger.epsilon(2) == 0.0
     payload = ledger.to_dict([0, 1, 2])
     assert len(payload["entries"]) == 3 and payload["epsilon"]["2"] == 0.0
+
+
+@pytest.mark.parametrize("target, rounds", [(1.0, 10), (8.0, 5), (3.0, 50)])
+def test_client_level_sigma_without_amplification_matches_dp_accounting(target, rounds):
+    sigma = calibrate_noise_multiplier(target, 1e-5, 1.0, rounds)
+    ledger = PrivacyLedger(delta=1e-5)
+    for r in range(rounds):
+        ledger.record_release(r + 1, sigma, 1.0)
+    gaussian = rdp.RdpAccountant(orders=RDPAccountant.DEFAULT_ALPHAS)
+    gaussian.compose(dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(sigma), rounds))
+    assert ledger.client_level_epsilon() == pytest.approx(gaussian.get_epsilon(1e-5), rel=0.01)
+    assert ledger.client_level_epsilon() == pytest.approx(target, rel=0.01)
+    assert ledger.epsilon(0) == 0.0  # client-level releases are not any hospital's record-level cost

@@ -121,7 +121,7 @@ def test_failure_reason_is_the_exception_message_without_ray_wrapping():
     assert short_reason("plain failure") == "plain failure"
 
 
-@pytest.mark.parametrize("strategy", ["fedprox", "fedyogi"])
+@pytest.mark.parametrize("strategy", ["fedprox", "fedadam", "fedyogi"])
 def test_other_strategies_run_through_the_engine_with_the_same_accounting(tmp_path, strategy):
     settings = make_settings([*TINY, f"strategy={strategy}", "privacy.target_epsilon=4"])
     summary = run_experiment(settings, tmp_path)
@@ -148,3 +148,40 @@ def test_budget_below_one_round_is_a_clear_error(tmp_path):
     with pytest.raises(FedprivError, match="privacy.budget_epsilon=0.1 is below what one round costs"):
         run_experiment(settings, tmp_path)
     assert not (tmp_path / "summary.json").exists()
+
+
+def test_local_and_central_dp_with_sampling_report_both_and_the_ledger_skips_unsampled_rounds(tmp_path):
+    settings = make_settings(
+        [*TINY, "rounds=3", "privacy=local_central", "privacy.target_epsilon=4",
+         "privacy.client_target_epsilon=5", "strategy.clients_per_round=1"]
+    )
+    summary = run_experiment(settings, tmp_path)
+    lines = read_lines(tmp_path)
+    assert len(lines) == 3 and all(len(line["hospitals_trained"]) == 1 for line in lines)
+
+    # client level: one release per round, on target, and dp-accounting agrees (no amplification)
+    client = summary["privacy"]["client_level"]
+    assert client["releases"] == 3 and client["clients_per_round"] == 1
+    assert client["epsilon"] == pytest.approx(5.0, rel=0.02) and client["epsilon"] <= 5.0
+    assert client["epsilon"] == pytest.approx(dp_accounting_epsilon([(client["noise_multiplier"], 1.0, 3)], 1e-5), rel=0.01)
+    assert [line["client_epsilon"] for line in lines] == sorted(line["client_epsilon"] for line in lines)
+
+    # record level: a hospital's ε moves only in rounds it trained in
+    ledger = json.loads((tmp_path / "ledger.json").read_text())
+    for h in ("0", "1"):
+        trained_in = [line["round"] for line in lines if int(h) in line["hospitals_trained"]]
+        recorded = [e["round"] for e in ledger["entries"] if str(e["hospital"]) == h and e["mechanism"] == "dp-sgd"]
+        assert recorded == trained_in
+        previous = 0.0
+        for line in lines:
+            eps = line["epsilon"][h]
+            assert eps > previous if line["round"] in trained_in else eps == previous
+            previous = eps
+
+
+def test_central_dp_alone(tmp_path):
+    settings = make_settings([*TINY, "privacy=central", "privacy.client_target_epsilon=3"])
+    summary = run_experiment(settings, tmp_path)
+    assert "hospitals" not in summary["privacy"]
+    assert summary["privacy"]["client_level"]["epsilon"] == pytest.approx(3.0, rel=0.02)
+    assert read_lines(tmp_path)[-1]["epsilon"] is None

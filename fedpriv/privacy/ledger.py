@@ -10,9 +10,14 @@ from pathlib import Path
 from fedpriv.privacy.accounting import History, epsilon_spent
 
 
+#: `hospital` of the federation-wide client-level mechanism (DP-FedAvg at the server).
+FEDERATION = -1
+
+
 @dataclass(frozen=True)
 class LedgerEntry:
-    """One round of DP-SGD at one hospital: the subsampled Gaussian mechanism's parameters."""
+    """One mechanism applied in one round: DP-SGD at a hospital (record level), or the
+    server's noisy aggregate (client level, hospital = FEDERATION)."""
 
     hospital: int
     round: int
@@ -32,8 +37,16 @@ class PrivacyLedger:
     def record(self, hospital: int, round: int, noise_multiplier: float, sample_rate: float, steps: int) -> None:
         self.entries.append(LedgerEntry(hospital, round, "dp-sgd", noise_multiplier, sample_rate, steps))
 
+    def record_release(self, round: int, noise_multiplier: float, sample_rate: float) -> None:
+        """One client-level release: the server's clipped, noised average of hospital updates."""
+        self.entries.append(LedgerEntry(FEDERATION, round, "dp-fedavg", noise_multiplier, sample_rate, 1))
+
     def history(self, hospital: int) -> History:
         return [(e.noise_multiplier, e.sample_rate, e.steps) for e in self.entries if e.hospital == hospital]
+
+    def client_level_epsilon(self) -> float:
+        """Client-level ε of the federation (what any one hospital's participation reveals)."""
+        return self.epsilon(FEDERATION)
 
     def epsilon(self, hospital: int) -> float:
         """Record-level ε of `hospital` over everything recorded so far (0 if never trained)."""
@@ -47,6 +60,7 @@ class PrivacyLedger:
             "accountant": "rdp",
             "delta": self.delta,
             "epsilon": {str(h): e for h, e in self.epsilons(hospitals).items()},
+            "client_level_epsilon": self.client_level_epsilon(),
             "entries": [asdict(e) for e in self.entries],
         }
 
