@@ -48,6 +48,13 @@ class RunDirectory:
     def save_weights(self, weights: dict[str, torch.Tensor]) -> None:
         torch.save(weights, self.path / "model.pt")
 
+    def _save(self, fig, name: str) -> Path:
+        fig.tight_layout()
+        target = self.path / name
+        fig.savefig(target, dpi=120)
+        _pyplot().close(fig)
+        return target
+
     def plot_partition(self, table: list[dict]) -> Path:
         """Benign and malignant training images per hospital, stacked bars."""
         plt = _pyplot()
@@ -59,11 +66,7 @@ class RunDirectory:
         ax.set_xlabel("hospital")
         ax.set_ylabel("training images")
         ax.legend()
-        fig.tight_layout()
-        target = self.path / "partition.png"
-        fig.savefig(target, dpi=120)
-        plt.close(fig)
-        return target
+        return self._save(fig, "partition.png")
 
     def plot_privacy_utility(self, lines: list[dict]) -> Path | None:
         """Test and val AUROC against the ε spent so far (max over hospitals), per round."""
@@ -80,11 +83,7 @@ class RunDirectory:
         ax.set_xlabel("record-level ε (max over hospitals)" if key == "max_epsilon" else "client-level ε")
         ax.set_ylabel("AUROC")
         ax.legend(title="split")
-        fig.tight_layout()
-        target = self.path / "privacy_utility.png"
-        fig.savefig(target, dpi=120)
-        plt.close(fig)
-        return target
+        return self._save(fig, "privacy_utility.png")
 
     def plot_rounds(self, lines: list[dict]) -> Path:
         """AUROC (test, val) and max ε per round, one PNG."""
@@ -103,8 +102,4 @@ class RunDirectory:
             twin.set_ylabel("ε spent (max over hospitals)")
             twin.legend(loc="lower right")
         ax.legend(loc="upper left")
-        fig.tight_layout()
-        target = self.path / "rounds.png"
-        fig.savefig(target, dpi=120)
-        plt.close(fig)
-        return target
+        return self._save(fig, "rounds.png")
