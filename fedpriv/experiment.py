@@ -89,6 +89,7 @@ def make_summary(settings: RunSettings, lines: list[dict], ledger: PrivacyLedger
             "delta": settings.privacy.delta,
             "noise_multiplier": central_noise_multiplier(settings),
             "update_clip_norm": settings.privacy.update_clip_norm,
+            "clipping": settings.privacy.clipping,
             "clients_per_round": clients_per_round(settings.strategy, settings.num_clients),
             "releases": len(releases),
         }

@@ -7,6 +7,7 @@ import math
 import time
 from collections.abc import Callable
 
+import numpy as np
 import torch
 
 from fedpriv.data.records import SplitData
@@ -47,6 +48,7 @@ def run_rounds(
     on_round: Callable[[dict], None],
 ) -> list[dict]:
     """All rounds; returns the metrics lines (also appended to metrics.jsonl as they come)."""
+    np.random.seed(settings.seed)  # Flower's central-DP wrappers draw noise from numpy's global RNG
     hospitals = list(federation.describe_hospitals())
     weights = initial_weights(settings)
     central_sigma = central_noise_multiplier(settings) if settings.privacy.central else None

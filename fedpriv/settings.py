@@ -74,7 +74,10 @@ class PrivacySettings:
     max_grad_norm: float | None = None
     budget_epsilon: float | None = None  # a hospital's hard cap; None = target_epsilon
     client_target_epsilon: float | None = None
-    update_clip_norm: float | None = None
+    update_clip_norm: float | None = None  # fixed clipping norm, or the initial one (adaptive)
+    clipping: str | None = None  # central: "fixed" or "adaptive" (Andrew et al. 2021)
+    target_clipped_quantile: float | None = None  # adaptive: share of updates left unclipped
+    clip_norm_lr: float | None = None  # adaptive: geometric learning rate of the clip norm
 
     @property
     def local(self) -> bool:
@@ -206,6 +209,13 @@ def validate(s: RunSettings) -> None:
             p.update_clip_norm is not None and p.update_clip_norm > 0,
             f"privacy.update_clip_norm={p.update_clip_norm} must be > 0",
         )
+        _require(p.clipping in ("fixed", "adaptive"), f"privacy.clipping={p.clipping!r} must be fixed or adaptive")
+        if p.clipping == "adaptive":
+            _require(
+                p.target_clipped_quantile is not None and 0 <= p.target_clipped_quantile <= 1,
+                f"privacy.target_clipped_quantile={p.target_clipped_quantile} must be in [0, 1]",
+            )
+            _require(p.clip_norm_lr is not None and p.clip_norm_lr > 0, f"privacy.clip_norm_lr={p.clip_norm_lr} must be > 0")
     if p.local:
         _require(
             p.target_epsilon is not None and math.isfinite(p.target_epsilon) and p.target_epsilon > 0,

@@ -7,6 +7,7 @@ evaluation (hospitals do not evaluate) and waits for the whole federation to con
 from __future__ import annotations
 
 from flwr.serverapp.strategy import (
+    DifferentialPrivacyServerSideAdaptiveClipping,
     DifferentialPrivacyServerSideFixedClipping,
     FedAdam,
     FedAvg,
@@ -77,7 +78,12 @@ def central_noise_multiplier(settings: RunSettings) -> float:
 
 def build_strategy(settings: RunSettings) -> Strategy:
     """The configured Flower strategy; under central DP wrapped in Flower's server-side
-    fixed-clipping DP wrapper, with uniform weights."""
+    fixed- or adaptive-clipping DP wrapper, with uniform weights.
+
+    Adaptive clipping also releases a noisy count of clipped updates (std σ_b); Flower then
+    noises the update with σ_Δ = (σ⁻² − (2σ_b)⁻²)^-½ so that both releases together are a
+    Gaussian mechanism with noise multiplier σ (Andrew et al. 2021) — the ledger's σ.
+    """
     st, n = settings.strategy, settings.num_clients
     if st.name not in STRATEGIES:
         raise FedprivError(f"strategy={st.name!r} is unknown; choose one of {sorted(STRATEGIES)}")
@@ -85,9 +91,19 @@ def build_strategy(settings: RunSettings) -> Strategy:
     strategy = STRATEGIES[st.name](st, _sampling(st, n, UNIFORM_WEIGHT if central else "num-examples"))
     if not central:
         return strategy
+    p, sigma, sampled = settings.privacy, central_noise_multiplier(settings), clients_per_round(st, n)
+    if p.clipping == "adaptive":
+        return DifferentialPrivacyServerSideAdaptiveClipping(
+            strategy,
+            noise_multiplier=sigma,
+            num_sampled_clients=sampled,
+            initial_clipping_norm=p.update_clip_norm,
+            target_clipped_quantile=p.target_clipped_quantile,
+            clip_norm_lr=p.clip_norm_lr,
+            # Flower's default m/20 only works for hundreds of hospitals; σ_b = max(m/20, σ)
+            # keeps the update's noise within 1.16σ for small federations.
+            clipped_count_stddev=max(sampled / 20, sigma),
+        )
     return DifferentialPrivacyServerSideFixedClipping(
-        strategy,
-        noise_multiplier=central_noise_multiplier(settings),
-        clipping_norm=settings.privacy.update_clip_norm,
-        num_sampled_clients=clients_per_round(st, n),
+        strategy, noise_multiplier=sigma, clipping_norm=p.update_clip_norm, num_sampled_clients=sampled
     )

@@ -47,6 +47,8 @@ def test_bad_setting_names_the_key(override, key):
         (["privacy=central", "privacy.client_target_epsilon=0"], "privacy.client_target_epsilon"),
         (["privacy=central", "privacy.update_clip_norm=-1"], "privacy.update_clip_norm"),
         (["privacy=local_central", "privacy.delta=2"], "privacy.delta"),
+        (["privacy=central", "privacy.clipping=sometimes"], "privacy.clipping"),
+        (["privacy=central", "privacy.clipping=adaptive", "privacy.target_clipped_quantile=2"], "privacy.target_clipped_quantile"),
     ],
 )
 def test_bad_strategy_settings(overrides, key):

@@ -179,8 +179,9 @@ def test_local_and_central_dp_with_sampling_report_both_and_the_ledger_skips_uns
             previous = eps
 
 
-def test_central_dp_alone(tmp_path):
-    settings = make_settings([*TINY, "privacy=central", "privacy.client_target_epsilon=3"])
+@pytest.mark.parametrize("clipping", ["fixed", "adaptive"])
+def test_central_dp_alone(tmp_path, clipping):
+    settings = make_settings([*TINY, "privacy=central", "privacy.client_target_epsilon=3", f"privacy.clipping={clipping}"])
     summary = run_experiment(settings, tmp_path)
     assert "hospitals" not in summary["privacy"]
     assert summary["privacy"]["client_level"]["epsilon"] == pytest.approx(3.0, rel=0.02)
