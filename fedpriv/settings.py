@@ -127,6 +127,7 @@ class StrategySettings:
     name: str
     fraction_train: float
     clients_per_round: int | None = None  # overrides fraction_train when set
+    min_available_clients: int | None = None  # hospitals that must be connected; None = all
     proximal_mu: float | None = None
     server_lr: float | None = None
     tau: float | None = None
@@ -250,6 +251,11 @@ def validate(s: RunSettings) -> None:
         _require(
             1 <= st.clients_per_round <= s.num_clients,
             f"strategy.clients_per_round={st.clients_per_round} must be between 1 and num_clients={s.num_clients}",
+        )
+    if st.min_available_clients is not None:
+        _require(
+            1 <= st.min_available_clients <= s.num_clients,
+            f"strategy.min_available_clients={st.min_available_clients} must be between 1 and num_clients={s.num_clients}",
         )
     if st.name == "fedprox":
         _require(

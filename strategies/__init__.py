@@ -39,7 +39,7 @@ def _sampling(settings: StrategySettings, num_clients: int, weighted_by: str) ->
         "fraction_evaluate": 0.0,
         "min_train_nodes": sampled,
         "min_evaluate_nodes": 0,
-        "min_available_nodes": num_clients,
+        "min_available_nodes": settings.min_available_clients or num_clients,
         "weighted_by_key": weighted_by,
     }
 

@@ -59,6 +59,7 @@ def test_ledger_is_cumulative_per_hospital_and_never_resets():
     assert ledger.epsilon(0) == pytest.approx(epsilon_spent([(1.0, 0.25, 16)], 1e-5))
     assert ledger.epsilon(1) == pytest.approx(first)
     assert ledger.epsilon(2) == 0.0
+    assert ledger.epsilon(0, through_round=1) == pytest.approx(first)  # any past round
     payload = ledger.to_dict([0, 1, 2])
     assert len(payload["entries"]) == 3 and payload["epsilon"]["2"] == 0.0
 

@@ -41,16 +41,20 @@ class PrivacyLedger:
         """One client-level release: the server's clipped, noised average of hospital updates."""
         self.entries.append(LedgerEntry(FEDERATION, round, "dp-fedavg", noise_multiplier, sample_rate, 1))
 
-    def history(self, hospital: int) -> History:
-        return [(e.noise_multiplier, e.sample_rate, e.steps) for e in self.entries if e.hospital == hospital]
+    def history(self, hospital: int, through_round: int | None = None) -> History:
+        return [
+            (e.noise_multiplier, e.sample_rate, e.steps)
+            for e in self.entries
+            if e.hospital == hospital and (through_round is None or e.round <= through_round)
+        ]
 
-    def client_level_epsilon(self) -> float:
+    def client_level_epsilon(self, through_round: int | None = None) -> float:
         """Client-level ε of the federation (what any one hospital's participation reveals)."""
-        return self.epsilon(FEDERATION)
+        return self.epsilon(FEDERATION, through_round)
 
-    def epsilon(self, hospital: int) -> float:
-        """Record-level ε of `hospital` over everything recorded so far (0 if never trained)."""
-        return epsilon_spent(self.history(hospital), self.delta)
+    def epsilon(self, hospital: int, through_round: int | None = None) -> float:
+        """Record-level ε of `hospital` over everything recorded (up to a round; 0 if never)."""
+        return epsilon_spent(self.history(hospital, through_round), self.delta)
 
     def epsilons(self, hospitals: list[int]) -> dict[int, float]:
         return {h: self.epsilon(h) for h in hospitals}
