@@ -8,6 +8,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
+
 from fedpriv.client import HospitalTrainer
 from fedpriv.data.partition import partition_by_patient, partition_table
 from fedpriv.data.sources import load_splits
@@ -15,7 +17,7 @@ from fedpriv.errors import FedprivError
 from fedpriv.federation import build_client_app, build_server_app, run_federation
 from fedpriv.outputs import RunDirectory
 from fedpriv.privacy.ledger import PrivacyLedger
-from fedpriv.server import run_rounds
+from fedpriv.server import final_intervals, run_rounds
 from fedpriv.settings import RunSettings, warn_delta
 from fedpriv.privacy.ledger import FEDERATION
 from strategies import build_strategy, central_noise_multiplier, clients_per_round
@@ -40,6 +42,12 @@ def run_experiment(
     strategy = build_strategy(settings)
     splits = load_splits(settings.data, settings.seed)
     splits.check_disjoint_patients(f"data={settings.data.name}")
+    for name, _ in settings.data.fairness_attributes:
+        if name not in splits.test.metadata:
+            raise FedprivError(
+                f"data.fairness_attributes: {name!r} is not in the metadata of data={settings.data.name} "
+                f"(has: {sorted(splits.test.metadata)})"
+            )
     shards = partition_by_patient(splits.train, settings.num_clients, settings.partition, settings.seed)
     table = partition_table(splits.train, shards)
     for row in table:
@@ -70,12 +78,15 @@ def run_experiment(
     lines = result["lines"]
     run.plot_rounds(lines)
     run.plot_privacy_utility(lines)
-    summary = make_summary(settings, lines, ledger, table, time.perf_counter() - started)
+    intervals = final_intervals(settings, torch.load(run.path / "model.pt"), splits)
+    summary = make_summary(settings, lines, ledger, table, intervals, time.perf_counter() - started)
     run.write_json("summary.json", summary)
     return summary
 
 
-def make_summary(settings: RunSettings, lines: list[dict], ledger: PrivacyLedger, table: list[dict], wall: float) -> dict:
+def make_summary(
+    settings: RunSettings, lines: list[dict], ledger: PrivacyLedger, table: list[dict], intervals: dict, wall: float
+) -> dict:
     """The summary.json payload (schema in README)."""
     final = lines[-1]
     utility_keys = ("auroc", "auprc", "accuracy", "sensitivity", "specificity")
@@ -114,6 +125,8 @@ def make_summary(settings: RunSettings, lines: list[dict], ledger: PrivacyLedger
         )
     return {
         "test": {k: final[k] for k in utility_keys},
+        "test_ci95": intervals,
+        "fairness": final["fairness"],
         "val": {k: final[f"val_{k}"] for k in utility_keys},
         "privacy": privacy,
         "num_clients": settings.num_clients,

@@ -24,3 +24,96 @@ def binary_metrics(labels: np.ndarray, scores: np.ndarray, threshold: float = 0.
         "sensitivity": float(tp / (tp + fn)) if tp + fn else math.nan,
         "specificity": float(tn / (tn + fp)) if tn + fp else math.nan,
     }
+
+
+def subgroup_labels(values: np.ndarray, edges: list[float]) -> np.ndarray:
+    """Group names for a metadata column: categories as they are, numbers binned by edges
+    (e.g. age with edges [50, 65] → "<50", "50-65", ">=65")."""
+    if not edges:
+        return np.asarray(values).astype(str)
+    names = [f"<{edges[0]:g}"] + [f"{a:g}-{b:g}" for a, b in zip(edges, edges[1:])] + [f">={edges[-1]:g}"]
+    return np.array(names)[np.searchsorted(np.asarray(edges, dtype=float), np.asarray(values, dtype=float), side="right")]
+
+
+def group_metrics(labels: np.ndarray, scores: np.ndarray, threshold: float = 0.5) -> dict[str, float]:
+    """binary_metrics plus positive rate and counts, for one subgroup."""
+    labels = np.asarray(labels).astype(int)
+    metrics = binary_metrics(labels, scores, threshold)
+    metrics.update(
+        positive_rate=float(np.mean(np.asarray(scores) >= threshold)) if len(labels) else math.nan,
+        n=int(len(labels)),
+        n_malignant=int(labels.sum()),
+    )
+    return metrics
+
+
+def fairness_report(
+    labels: np.ndarray, scores: np.ndarray, groups: np.ndarray, threshold: float = 0.5
+) -> dict:
+    """Per-group metrics and the gaps between groups for one attribute.
+
+    - `spd`: statistical parity difference, max − min positive rate over groups;
+    - per group `accuracy_spd`: its accuracy minus the n-weighted accuracy of all other
+      groups (Tayebi Arasteh et al.; negative = the group is served worse);
+    - `equalized_odds_difference`: the larger of the max−min gaps in sensitivity (TPR) and
+      in 1 − specificity (FPR);
+    - `worst_group_auroc` and `auroc_gap` (max − min) over groups where AUROC is defined.
+    Undefined values (a group without malignant cases has no AUROC or sensitivity) are NaN,
+    never 0 or 1, and are left out of the gaps.
+    """
+    labels, scores, groups = np.asarray(labels).astype(int), np.asarray(scores), np.asarray(groups)
+    names = sorted(set(groups.tolist()))
+    per_group = {g: group_metrics(labels[groups == g], scores[groups == g], threshold) for g in names}
+    correct = (scores >= threshold).astype(int) == labels
+    for g in names:
+        rest = groups != g
+        per_group[g]["accuracy_spd"] = (
+            float(correct[groups == g].mean() - correct[rest].mean()) if rest.any() else math.nan
+        )
+    return {
+        "groups": per_group,
+        "spd": _gap([m["positive_rate"] for m in per_group.values()]),
+        "equalized_odds_difference": _nanmax(
+            _gap([m["sensitivity"] for m in per_group.values()]),
+            _gap([1 - m["specificity"] for m in per_group.values()]),
+        ),
+        "worst_group_auroc": _nanmin([m["auroc"] for m in per_group.values()]),
+        "auroc_gap": _gap([m["auroc"] for m in per_group.values()]),
+    }
+
+
+def bootstrap_interval(
+    labels: np.ndarray, scores: np.ndarray, metric, rounds: int, seed: int, level: float = 0.95
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of metric(labels, scores); NaN where resamples lack a class."""
+    rng = np.random.default_rng(seed)
+    labels, scores = np.asarray(labels), np.asarray(scores)
+    values = []
+    for _ in range(rounds):
+        pick = rng.integers(0, len(labels), len(labels))
+        value = metric(labels[pick], scores[pick])
+        if math.isfinite(value):
+            values.append(value)
+    if len(values) < rounds // 2:
+        return math.nan, math.nan
+    low, high = np.percentile(values, [50 * (1 - level), 50 * (1 + level)])
+    return float(low), float(high)
+
+
+def _finite(values) -> list[float]:
+    return [v for v in values if v is not None and math.isfinite(v)]
+
+
+def _gap(values) -> float:
+    finite = _finite(values)
+    return float(max(finite) - min(finite)) if len(finite) >= 2 else math.nan
+
+
+def _nanmin(values) -> float:
+    finite = _finite(values)
+    return float(min(finite)) if finite else math.nan
+
+
+def _nanmax(*values) -> float:
+    finite = _finite(values)
+    return float(max(finite)) if finite else math.nan

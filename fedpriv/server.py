@@ -10,10 +10,10 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from fedpriv.data.records import SplitData
+from fedpriv.data.records import ImageRecords, SplitData
 from fedpriv.errors import FedprivError
 from fedpriv.federation import Federation
-from fedpriv.metrics import binary_metrics
+from fedpriv.metrics import binary_metrics, bootstrap_interval, fairness_report, subgroup_labels
 from fedpriv.models import build_model
 from fedpriv.outputs import RunDirectory
 from fedpriv.privacy.ledger import PrivacyLedger
@@ -29,14 +29,42 @@ def initial_weights(settings: RunSettings) -> dict[str, torch.Tensor]:
     return build_model(settings.model, settings.data.image_size).state_dict()
 
 
-def evaluate(settings: RunSettings, weights: dict, splits: SplitData) -> dict[str, float]:
-    """Test metrics (plain names) and validation metrics (`val_` prefix) of the global model."""
+def test_scores(settings: RunSettings, weights: dict, records: ImageRecords) -> np.ndarray:
     model = build_model(settings.model, settings.data.image_size)
     model.load_state_dict(weights)
-    batch = settings.training.eval_batch_size
-    test = binary_metrics(splits.test.labels, predict(model, splits.test, batch))
-    val = binary_metrics(splits.val.labels, predict(model, splits.val, batch))
-    return {**test, **{f"val_{k}": v for k, v in val.items()}}
+    return predict(model, records, settings.training.eval_batch_size)
+
+
+def evaluate(settings: RunSettings, weights: dict, splits: SplitData) -> dict:
+    """Test metrics (plain names), validation metrics (`val_` prefix) and, per fairness
+    attribute, subgroup metrics and gaps on the test split, for the global model."""
+    scores = test_scores(settings, weights, splits.test)
+    val = binary_metrics(splits.val.labels, test_scores(settings, weights, splits.val))
+    fairness = {
+        name: fairness_report(splits.test.labels, scores, subgroup_labels(splits.test.metadata[name], list(edges)))
+        for name, edges in settings.data.fairness_attributes
+    }
+    return {
+        **binary_metrics(splits.test.labels, scores),
+        **{f"val_{k}": v for k, v in val.items()},
+        "fairness": fairness or None,
+    }
+
+
+def final_intervals(settings: RunSettings, weights: dict, splits: SplitData) -> dict:
+    """Bootstrap 95% intervals of test AUROC, overall and per subgroup, for the final model."""
+    rounds = settings.evaluation.bootstrap
+    if rounds == 0:
+        return {}
+    labels, scores = splits.test.labels, test_scores(settings, weights, splits.test)
+    auroc = lambda y, s: binary_metrics(y, s)["auroc"]  # noqa: E731
+    intervals = {"auroc": bootstrap_interval(labels, scores, auroc, rounds, settings.seed)}
+    for name, edges in settings.data.fairness_attributes:
+        groups = subgroup_labels(splits.test.metadata[name], list(edges))
+        for group in sorted(set(groups.tolist())):
+            rows = groups == group
+            intervals[f"auroc[{name}={group}]"] = bootstrap_interval(labels[rows], scores[rows], auroc, rounds, settings.seed)
+    return intervals
 
 
 def run_rounds(

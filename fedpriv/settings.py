@@ -35,6 +35,7 @@ class PhantomDataSettings:
     val_fraction: float
     test_fraction: float
     augment: bool
+    fairness_attributes: tuple[tuple[str, tuple[float, ...]], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,7 @@ class FolderDataSettings:
     class_folders: tuple[tuple[str, int], ...]
     patient_pattern: str
     augment: bool
+    fairness_attributes: tuple[tuple[str, tuple[float, ...]], ...] = ()
 
 
 DataSettings = PhantomDataSettings | FolderDataSettings
@@ -134,6 +136,13 @@ class StrategySettings:
 
 
 @dataclass(frozen=True)
+class EvaluationSettings:
+    """Server-side evaluation: `bootstrap` resamples for the final 95% intervals."""
+
+    bootstrap: int
+
+
+@dataclass(frozen=True)
 class BackendSettings:
     """Flower simulation backend (Ray): resources per client and `ray.init` arguments."""
 
@@ -153,6 +162,7 @@ class RunSettings:
     partition: PartitionSettings
     strategy: StrategySettings
     training: TrainingSettings
+    evaluation: EvaluationSettings
     backend: BackendSettings
 
 
@@ -181,6 +191,7 @@ def settings_from_config(cfg: DictConfig) -> RunSettings:
         partition=_build(PartitionSettings, raw["partition"], "partition"),
         strategy=_build(StrategySettings, raw["strategy"], "strategy"),
         training=_build(TrainingSettings, raw["training"], "training"),
+        evaluation=_build(EvaluationSettings, raw["evaluation"], "evaluation"),
         backend=_build(BackendSettings, raw["backend"], "backend"),
     )
     validate(settings)
@@ -269,6 +280,7 @@ def validate(s: RunSettings) -> None:
     import fedpriv.models  # noqa: F401  (registers fedpriv's models in timm)
 
     _require(is_model(s.model.name), f"model.name={s.model.name!r} is not in timm's registry; see configs/model/")
+    _require(s.evaluation.bootstrap >= 0, f"evaluation.bootstrap={s.evaluation.bootstrap} must be >= 0")
     _require(s.data.image_size >= 16, f"data.image_size={s.data.image_size} must be at least 16")
     if isinstance(s.data, PhantomDataSettings):
         d = s.data

@@ -37,6 +37,12 @@ def summary_table(summary: dict, run_dir: Path) -> Table:
     table.add_column("value", justify="right")
     for key, value in summary["test"].items():
         table.add_row(f"test {key}", _fmt(value))
+    if "auroc" in summary["test_ci95"]:
+        low, high = summary["test_ci95"]["auroc"]
+        table.add_row("test AUROC 95% CI (bootstrap)", f"{_fmt(low)} – {_fmt(high)}")
+    for name, report in (summary["fairness"] or {}).items():
+        table.add_row(f"{name}: worst-group AUROC / SPD / EOD", " / ".join(
+            _fmt(report[k]) for k in ("worst_group_auroc", "spd", "equalized_odds_difference")))
     privacy = summary["privacy"]
     table.add_row("privacy", privacy["mode"])
     if "hospitals" in privacy:

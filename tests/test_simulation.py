@@ -48,12 +48,32 @@ def test_federated_dp_run_is_accounted_cumulatively_and_cross_checked(tmp_path):
         assert info["epsilon"] == pytest.approx(lines[-1]["epsilon"][h])
     assert privacy["max_epsilon"] == max(v["epsilon"] for v in privacy["hospitals"].values())
 
+    for line in lines:  # subgroup metrics every round, for each configured attribute
+        assert set(line["fairness"]) == {"site", "age"}
+        groups = line["fairness"]["age"]["groups"]
+        assert set(groups) <= {"<50", "50-65", ">=65"} and sum(g["n"] for g in groups.values()) == line_test_size(settings)
+
     written = json.loads((tmp_path / "summary.json").read_text())
+    assert written["fairness"] == lines[-1]["fairness"]
+    low, high = written["test_ci95"]["auroc"]
+    assert low <= written["test"]["auroc"] <= high
     assert written["test"]["auroc"] == pytest.approx(lines[-1]["auroc"])
     assert written["num_clients"] == 2 and written["rounds"] == 2 and written["wall_seconds"] > 0
     assert sum(row["patients"] for row in written["partition"]) == len(set(_train_patients(settings)))
     for name in ("model.pt", "rounds.png", "privacy_utility.png", "partition.json", "partition.png"):
         assert (tmp_path / name).stat().st_size > 0
+
+
+def line_test_size(settings):
+    from fedpriv.data.sources import load_splits
+
+    return len(load_splits(settings.data, settings.seed).test)
+
+
+def test_fairness_attribute_missing_from_metadata_is_named(tmp_path):
+    settings = make_settings([*TINY, "+data.fairness_attributes.scanner=[]"])
+    with pytest.raises(FedprivError, match="'scanner' is not in the metadata"):
+        run_experiment(settings, tmp_path)
 
 
 def _train_patients(settings):
