@@ -16,6 +16,7 @@ from fedpriv.data.sources import load_splits
 from fedpriv.errors import FedprivError
 from fedpriv.federation import build_client_app, build_server_app, run_federation
 from fedpriv.outputs import RunDirectory
+from fedpriv.privacy.accounting import calibrate_noise_multiplier, epsilon_spent, poisson_plan
 from fedpriv.privacy.ledger import PrivacyLedger
 from fedpriv.server import final_intervals, run_rounds
 from fedpriv.settings import RunSettings, warn_delta
@@ -55,6 +56,7 @@ def run_experiment(
             log.warning("hospital %d holds only one class (%s)", row["hospital"], row)
     if settings.privacy.local:
         warn_delta(settings, min(row["images"] for row in table))
+        check_budget_allows_one_round(settings, table)
 
     run = RunDirectory(run_dir)
     run.write_json("partition.json", table)
@@ -82,6 +84,23 @@ def run_experiment(
     summary = make_summary(settings, lines, ledger, table, intervals, time.perf_counter() - started)
     run.write_json("summary.json", summary)
     return summary
+
+
+def check_budget_allows_one_round(settings: RunSettings, table: list[dict]) -> None:
+    """Refuse, before any work, a budget that no hospital could spend a single round in.
+
+    Hospitals enforce their budget themselves every round; this only saves a useless run.
+    """
+    p, t = settings.privacy, settings.training
+    for n in sorted({row["images"] for row in table}):
+        sample_rate, per_epoch = poisson_plan(n, t.batch_size)
+        sigma = calibrate_noise_multiplier(p.target_epsilon, p.delta, sample_rate, settings.rounds * settings.local_epochs * per_epoch)
+        one_round = epsilon_spent([(sigma, sample_rate, settings.local_epochs * per_epoch)], p.delta)
+        if one_round > p.budget:
+            raise FedprivError(
+                f"privacy.budget_epsilon={p.budget} is below what one round costs (ε={one_round:.3f} for a "
+                f"hospital of {n} images); raise it, or lower local_epochs"
+            )
 
 
 def make_summary(

@@ -23,6 +23,7 @@ TINY = [
     "local_epochs=1",
     "training.batch_size=8",
     "num_clients=2",
+    "evaluation.bootstrap=50",
 ]
 
 os.environ["FLWR_TELEMETRY_ENABLED"] = "0"

@@ -14,7 +14,8 @@ from fedpriv.report import find_runs, group_settings, main, run_record, table_ro
 def sweep(tmp_path_factory):
     root = tmp_path_factory.mktemp("sweep")
     for i, seed in enumerate((0, 1)):
-        run_experiment(make_settings([*TINY, "rounds=1", "privacy.target_epsilon=4", f"seed={seed}"]), root / str(i))
+        overrides = [*TINY, "num_clients=1", "rounds=1", "privacy.target_epsilon=4", f"seed={seed}"]
+        run_experiment(make_settings(overrides), root / str(i))
     (root / "broken").mkdir()  # an unfinished run: no summary.json, not reported
     (root / "broken" / "metrics.jsonl").write_text("")
     return root
