@@ -5,7 +5,21 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from sklearn.metrics import average_precision_score, confusion_matrix, roc_auc_score
+from scipy.stats import rankdata
+from sklearn.metrics import average_precision_score, confusion_matrix
+
+
+def auroc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """AUROC by the Mann–Whitney rank statistic (ties count half), NaN with one class.
+
+    Equal to scikit-learn's roc_auc_score, and fast enough to bootstrap.
+    """
+    labels = np.asarray(labels).astype(bool)
+    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
+    if n_pos == 0 or n_neg == 0:
+        return math.nan
+    ranks = rankdata(scores)
+    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
 def binary_metrics(labels: np.ndarray, scores: np.ndarray, threshold: float = 0.5) -> dict[str, float]:
@@ -18,7 +32,7 @@ def binary_metrics(labels: np.ndarray, scores: np.ndarray, threshold: float = 0.
     both = len(np.unique(labels)) == 2
     tn, fp, fn, tp = confusion_matrix(labels, predicted, labels=[0, 1]).ravel()
     return {
-        "auroc": float(roc_auc_score(labels, scores)) if both else math.nan,
+        "auroc": auroc(labels, scores),
         "auprc": float(average_precision_score(labels, scores)) if both else math.nan,
         "accuracy": float((tp + tn) / len(labels)) if len(labels) else math.nan,
         "sensitivity": float(tp / (tp + fn)) if tp + fn else math.nan,

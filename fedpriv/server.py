@@ -13,7 +13,7 @@ import torch
 from fedpriv.data.records import ImageRecords, SplitData
 from fedpriv.errors import FedprivError
 from fedpriv.federation import Federation
-from fedpriv.metrics import binary_metrics, bootstrap_interval, fairness_report, subgroup_labels
+from fedpriv.metrics import auroc, binary_metrics, bootstrap_interval, fairness_report, subgroup_labels
 from fedpriv.models import build_model
 from fedpriv.outputs import RunDirectory
 from fedpriv.privacy.ledger import PrivacyLedger
@@ -57,7 +57,6 @@ def final_intervals(settings: RunSettings, weights: dict, splits: SplitData) -> 
     if rounds == 0:
         return {}
     labels, scores = splits.test.labels, test_scores(settings, weights, splits.test)
-    auroc = lambda y, s: binary_metrics(y, s)["auroc"]  # noqa: E731
     intervals = {"auroc": bootstrap_interval(labels, scores, auroc, rounds, settings.seed)}
     for name, edges in settings.data.fairness_attributes:
         groups = subgroup_labels(splits.test.metadata[name], list(edges))

@@ -32,7 +32,16 @@ def test_single_class_gives_undefined_not_zero():
     assert m["specificity"] == pytest.approx(2 / 3)
 
 
-from fedpriv.metrics import bootstrap_interval, fairness_report, subgroup_labels  # noqa: E402
+from fedpriv.metrics import auroc, bootstrap_interval, fairness_report, subgroup_labels  # noqa: E402
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_rank_auroc_equals_scikit_learn_with_ties(seed):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 2, 200)
+    scores = np.round(rng.random(200) + 0.3 * labels, 1)  # rounding makes many ties
+    assert auroc(labels, scores) == pytest.approx(roc_auc_score(labels, scores))
+    assert math.isnan(auroc(np.zeros(5), scores[:5]))
 
 
 def test_subgroup_labels_bin_numbers_and_keep_categories():
