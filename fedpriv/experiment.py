@@ -8,8 +8,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
-
 from fedpriv.client import HospitalTrainer
 from fedpriv.data.partition import partition_by_patient, partition_table
 from fedpriv.data.sources import load_splits
@@ -67,7 +65,7 @@ def run_experiment(
     result: dict = {}
 
     def server_main(federation) -> None:
-        result["lines"] = run_rounds(federation, settings, splits, run, ledger, on_round)
+        result["lines"], result["weights"] = run_rounds(federation, settings, splits, run, ledger, on_round)
 
     run_federation(
         build_server_app(server_main, strategy, settings.num_clients, ROUND_TIMEOUT, settings.privacy.central),
@@ -80,7 +78,7 @@ def run_experiment(
     lines = result["lines"]
     run.plot_rounds(lines)
     run.plot_privacy_utility(lines)
-    intervals = final_intervals(settings, torch.load(run.path / "model.pt"), splits)
+    intervals = final_intervals(settings, result["weights"], splits)
     summary = make_summary(settings, lines, ledger, table, intervals, time.perf_counter() - started)
     run.write_json("summary.json", summary)
     return summary

@@ -22,6 +22,7 @@ from flwr.serverapp.strategy import Strategy
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 from flwr.simulation import run_simulation
 
+from fedpriv.errors import FedprivError
 from fedpriv.settings import BackendSettings
 
 log = logging.getLogger(__name__)
@@ -88,7 +89,7 @@ class Federation:
         facts = {}
         for reply in self.grid.send_and_receive(messages, timeout=self.timeout):
             if reply.has_error():
-                raise RuntimeError(f"a hospital could not load its data: {short_reason(reply.error.reason)}")
+                raise FedprivError(f"a hospital could not load its data: {short_reason(reply.error.reason)}")
             metrics = dict(reply.content["metrics"])
             hospital = int(metrics.pop("hospital"))
             self.hospital_of_node[reply.metadata.src_node_id] = hospital
@@ -114,8 +115,6 @@ class Federation:
         if good and (complete or not self.all_or_nothing):
             arrays, _ = self.strategy.aggregate_train(server_round, good)
             outcome.weights = arrays.to_torch_state_dict() if arrays is not None else None
-        elif self.all_or_nothing:
-            self.strategy.aggregate_train(server_round, [])  # settles the wrapper's pending round
         return outcome
 
 

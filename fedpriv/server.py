@@ -10,7 +10,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from fedpriv.data.records import ImageRecords, SplitData
+from fedpriv.data.records import SplitData
 from fedpriv.errors import FedprivError
 from fedpriv.federation import Federation
 from fedpriv.metrics import auroc, binary_metrics, bootstrap_interval, fairness_report, subgroup_labels
@@ -29,17 +29,18 @@ def initial_weights(settings: RunSettings) -> dict[str, torch.Tensor]:
     return build_model(settings.model, settings.data.image_size).state_dict()
 
 
-def test_scores(settings: RunSettings, weights: dict, records: ImageRecords) -> np.ndarray:
+def global_model(settings: RunSettings, weights: dict) -> torch.nn.Module:
     model = build_model(settings.model, settings.data.image_size)
     model.load_state_dict(weights)
-    return predict(model, records, settings.training.eval_batch_size)
+    return model
 
 
 def evaluate(settings: RunSettings, weights: dict, splits: SplitData) -> dict:
     """Test metrics (plain names), validation metrics (`val_` prefix) and, per fairness
     attribute, subgroup metrics and gaps on the test split, for the global model."""
-    scores = test_scores(settings, weights, splits.test)
-    val = binary_metrics(splits.val.labels, test_scores(settings, weights, splits.val))
+    model, batch = global_model(settings, weights), settings.training.eval_batch_size
+    scores = predict(model, splits.test, batch)
+    val = binary_metrics(splits.val.labels, predict(model, splits.val, batch))
     fairness = {
         name: fairness_report(splits.test.labels, scores, subgroup_labels(splits.test.metadata[name], list(edges)))
         for name, edges in settings.data.fairness_attributes
@@ -56,7 +57,8 @@ def final_intervals(settings: RunSettings, weights: dict, splits: SplitData) -> 
     rounds = settings.evaluation.bootstrap
     if rounds == 0:
         return {}
-    labels, scores = splits.test.labels, test_scores(settings, weights, splits.test)
+    labels = splits.test.labels
+    scores = predict(global_model(settings, weights), splits.test, settings.training.eval_batch_size)
     intervals = {"auroc": bootstrap_interval(labels, scores, auroc, rounds, settings.seed)}
     for name, edges in settings.data.fairness_attributes:
         groups = subgroup_labels(splits.test.metadata[name], list(edges))
@@ -73,8 +75,9 @@ def run_rounds(
     run: RunDirectory,
     ledger: PrivacyLedger,
     on_round: Callable[[dict], None],
-) -> list[dict]:
-    """All rounds; returns the metrics lines (also appended to metrics.jsonl as they come)."""
+) -> tuple[list[dict], dict[str, torch.Tensor]]:
+    """All rounds; returns the metrics lines (also appended to metrics.jsonl as they come)
+    and the final global weights."""
     np.random.seed(settings.seed)  # Flower's central-DP wrappers draw noise from numpy's global RNG
     hospitals = list(federation.describe_hospitals())
     weights = initial_weights(settings)
@@ -108,13 +111,13 @@ def run_rounds(
         else:
             log.warning("round %d: not every sampled hospital replied; under central DP the round is not released", server_round)
         train_seconds = time.perf_counter() - started
-        local = settings.privacy.local
+        epsilons = {str(h): ledger.epsilon(h) for h in hospitals} if settings.privacy.local else None
         line = {
             "round": server_round,
             **evaluate(settings, weights, splits),
             "train_loss": _weighted_mean(outcome.trained, "train_loss"),
-            "epsilon": {str(h): ledger.epsilon(h) for h in hospitals} if local else None,
-            "max_epsilon": max(ledger.epsilon(h) for h in hospitals) if local else None,
+            "epsilon": epsilons,
+            "max_epsilon": max(epsilons.values()) if epsilons else None,
             "client_epsilon": ledger.client_level_epsilon() if settings.privacy.central else None,
             "released": released,
             "hospitals_trained": sorted(outcome.trained),
@@ -129,7 +132,7 @@ def run_rounds(
         lines.append(line)
     run.save_weights(weights)
     ledger.save(run.path / "ledger.json", hospitals)
-    return lines
+    return lines, weights
 
 
 def _account(ledger: PrivacyLedger, server_round: int, trained: dict[int, dict]) -> None:

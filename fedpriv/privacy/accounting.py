@@ -27,8 +27,12 @@ def poisson_plan(num_records: int, batch_size: int) -> tuple[float, int]:
     return 1.0 / steps_per_epoch, steps_per_epoch
 
 
+@functools.lru_cache(maxsize=256)
 def calibrate_noise_multiplier(target_epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
-    """Smallest σ (RDP) such that `steps` steps at `sample_rate` spend at most target_epsilon."""
+    """Smallest σ (RDP) such that `steps` steps at `sample_rate` spend at most target_epsilon.
+
+    Cached: a process asks for the same plan more than once (budget pre-check, strategy,
+    summary), and each search costs seconds."""
     return float(
         get_noise_multiplier(
             target_epsilon=target_epsilon,
