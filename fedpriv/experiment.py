@@ -4,19 +4,25 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
+
+from fedpriv.audit import audit_federation
 from fedpriv.client import HospitalTrainer
-from fedpriv.data.partition import partition_by_patient, partition_table
+from fedpriv.data.partition import hospital_test_patients, partition_by_patient, partition_table
+from fedpriv.data.records import concat_records
 from fedpriv.data.sources import load_splits
 from fedpriv.errors import FedprivError
+from fedpriv.models import build_model
 from fedpriv.federation import build_client_app, build_server_app, run_federation
 from fedpriv.outputs import RunDirectory
 from fedpriv.privacy.accounting import calibrate_noise_multiplier, epsilon_spent, poisson_plan
 from fedpriv.privacy.ledger import PrivacyLedger
-from fedpriv.server import final_intervals, run_rounds
+from fedpriv.server import final_intervals, global_model, run_rounds
 from fedpriv.settings import RunSettings, warn_delta
 from fedpriv.privacy.ledger import FEDERATION
 from strategies import build_strategy, central_noise_multiplier, clients_per_round
@@ -47,10 +53,26 @@ def run_experiment(
                 f"data.fairness_attributes: {name!r} is not in the metadata of data={settings.data.name} "
                 f"(has: {sorted(splits.test.metadata)})"
             )
+    check_model_fits_data(settings, splits.train.images[:1])
+    if splits.skipped:
+        log.warning("%d unreadable items were left out (data.skip_unreadable=true):\n%s", len(splits.skipped), "\n".join(splits.skipped))
     shards = partition_by_patient(splits.train, settings.num_clients, settings.partition, settings.seed)
     table = partition_table(splits.train, shards)
+    if settings.num_clients > 1:  # each hospital's own test patients, evaluated as a subgroup
+        hospitals = hospital_test_patients(splits.train, shards, splits.test, settings.partition, settings.seed)
+        test = dataclasses.replace(splits.test, metadata={**splits.test.metadata, "hospital": hospitals})
+        splits = dataclasses.replace(splits, test=test)
+        for row in table:
+            row["test_images"] = int((hospitals == f"h{row['hospital']}").sum())
     for row in table:
         if row["malignant"] == 0 or row["benign"] == 0:
+            if settings.partition.require_both_classes:
+                raise FedprivError(
+                    f"partition={settings.partition.name} leaves hospital {row['hospital']} with "
+                    f"{row['malignant']} malignant and {row['benign']} benign images, and "
+                    "partition.require_both_classes=true: lower num_clients, raise partition.alpha, "
+                    "or set partition.require_both_classes=false"
+                )
             log.warning("hospital %d holds only one class (%s)", row["hospital"], row)
     if settings.privacy.local:
         warn_delta(settings, min(row["images"] for row in table))
@@ -79,9 +101,41 @@ def run_experiment(
     run.plot_rounds(lines)
     run.plot_privacy_utility(lines)
     intervals = final_intervals(settings, result["weights"], splits)
-    summary = make_summary(settings, lines, ledger, table, intervals, time.perf_counter() - started)
+    summary = make_summary(settings, lines, ledger, table, intervals, time.perf_counter() - started, splits.skipped)
+    if settings.audit.name == "mia":
+        summary["audit"] = run_audit(settings, result["weights"], splits, shards, summary["privacy"])
     run.write_json("summary.json", summary)
     return summary
+
+
+def run_audit(settings: RunSettings, weights: dict, splits, shards, privacy: dict) -> dict:
+    """Membership inference on the final model, next to the ε that was accounted for it."""
+    audit = audit_federation(
+        global_model(settings, weights),
+        splits.train,
+        shards,
+        concat_records([splits.val, splits.test]),
+        settings.privacy.delta if settings.privacy.delta is not None else 0.0,
+        settings.audit.confidence,
+        settings.training.eval_batch_size,
+        settings.seed,
+    )
+    audit["accounted_epsilon"] = privacy.get("max_epsilon", math.inf)  # record-level; ∞ without local DP
+    return audit
+
+
+def check_model_fits_data(settings: RunSettings, example) -> None:
+    """Fail before any work when the model cannot take the data's shape (2D vs 3D)."""
+    model = build_model(settings.model, settings.data.image_size)
+    try:
+        with torch.no_grad():
+            model.eval()(torch.from_numpy(example))
+    except (RuntimeError, ValueError, AssertionError) as error:
+        kind = "3D volumes" if example.ndim == 5 else "2D images"
+        raise FedprivError(
+            f"model.name={settings.model.name} cannot take data={settings.data.name} ({kind} of shape "
+            f"{tuple(example.shape[1:])}): {str(error).splitlines()[0]}; pick a model for {kind} (see configs/model/)"
+        ) from None
 
 
 def check_budget_allows_one_round(settings: RunSettings, table: list[dict]) -> None:
@@ -102,7 +156,13 @@ def check_budget_allows_one_round(settings: RunSettings, table: list[dict]) -> N
 
 
 def make_summary(
-    settings: RunSettings, lines: list[dict], ledger: PrivacyLedger, table: list[dict], intervals: dict, wall: float
+    settings: RunSettings,
+    lines: list[dict],
+    ledger: PrivacyLedger,
+    table: list[dict],
+    intervals: dict,
+    wall: float,
+    skipped: tuple[str, ...],
 ) -> dict:
     """The summary.json payload (schema in README)."""
     final = lines[-1]
@@ -153,6 +213,7 @@ def make_summary(
         "seed": settings.seed,
         "model": settings.model.name,
         "data": settings.data.name,
+        "data_skipped": {"count": len(skipped), "items": list(skipped)},
         "partition": table,
         "settings": dataclasses.asdict(settings),
         "wall_seconds": wall,

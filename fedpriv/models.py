@@ -148,3 +148,36 @@ def make_opacus_compatible(model: nn.Module) -> nn.Module:
         if getattr(module, "inplace", False):
             module.inplace = False
     return model
+
+
+def _conv3d_gn(in_ch: int, out_ch: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv3d(in_ch, out_ch, 3, 1, 1, bias=False), nn.GroupNorm(max(1, min(8, out_ch // 4)), out_ch), nn.GELU()
+    )
+
+
+class SmallGroupNormCNN3d(nn.Module):
+    """3×3×3 conv stages (8/16/32/64) with GroupNorm, max-pooled between, averaged to a logit.
+
+    For CT volumes (N×C×D×H×W): ~73k parameters, every layer one Opacus has a grad sampler for.
+    """
+
+    def __init__(self, in_chans: int = 1, num_classes: int = 1, widths=(8, 16, 32, 64), **_):
+        super().__init__()
+        layers, width = [], in_chans
+        for stage, out in enumerate(widths):
+            layers += ([nn.MaxPool3d(2)] if stage else []) + [_conv3d_gn(width, out)]
+            width = out
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Linear(width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x).mean(dim=(2, 3, 4)))
+
+
+@register_model
+def fedpriv_cnn3d_small(pretrained: bool = False, **kwargs) -> SmallGroupNormCNN3d:
+    """The 3D GroupNorm CNN for CT volumes, trained from scratch (DP-friendly: no BatchNorm)."""
+    kwargs = _own_model_kwargs(pretrained, kwargs)
+    kwargs.pop("img_size", None)
+    return SmallGroupNormCNN3d(**kwargs)

@@ -2,8 +2,10 @@
 
 Finds every finished run (a folder with summary.json; Hydra multirun folders included),
 groups runs that differ only by seed, and writes `report.md` and `report.csv` (mean ± std
-over seeds), `auroc_vs_epsilon.png`, `fairness_vs_epsilon.png`, `learning_curves.png`, and
-the correlations of ε with statistical parity difference (Pearson r).
+over seeds), `auroc_vs_epsilon.png`, `fairness_vs_epsilon.png`, `learning_curves.png`,
+`audit_vs_epsilon.png` (runs with audit=mia), and the correlations (Pearson r) of ε with
+statistical parity difference and of the AUROC drop under DP with subgroup size and with
+non-private AUROC.
 """
 
 from __future__ import annotations
@@ -63,6 +65,12 @@ def run_record(run: Path) -> dict:
             name: {k: _num(report[k]) for k in ("spd", "worst_group_auroc", "auroc_gap", "equalized_odds_difference")}
             for name, report in (summary.get("fairness") or {}).items()
         },
+        "groups": {
+            name: {group: (_num(m["auroc"]), m["n"]) for group, m in report["groups"].items()}
+            for name, report in (summary.get("fairness") or {}).items()
+        },
+        "audit_auroc": _num(summary.get("audit", {}).get("pooled", {}).get("attack_auroc")),
+        "audit_epsilon": _num(summary.get("audit", {}).get("pooled", {}).get("epsilon_lower_bound_ci")),
         "curve": [(m["round"], _num(m["auroc"])) for m in metrics],
     }
 
@@ -80,7 +88,8 @@ def table_rows(groups: dict[tuple, list[dict]]) -> list[dict]:
     for key, runs in groups.items():
         row = dict(zip(SETTING_KEYS, key))
         row["seeds"] = len(runs)
-        for metric in (*UTILITY, "spent_epsilon"):
+        audited = ("audit_auroc", "audit_epsilon") if any(math.isfinite(r["audit_auroc"]) for r in runs) else ()
+        for metric in (*UTILITY, "spent_epsilon", *audited):
             row[metric], row[f"{metric}_std"] = _mean_std([r[metric] for r in runs])
         for attribute in sorted({a for r in runs for a in r["fairness"]}):
             for metric in ("worst_group_auroc", "spd"):
@@ -91,23 +100,54 @@ def table_rows(groups: dict[tuple, list[dict]]) -> list[dict]:
 
 
 def correlations(records: list[dict]) -> dict[str, dict]:
-    """Pearson r of the target ε with SPD per attribute, over DP runs with finite ε."""
-    from scipy.stats import pearsonr
-
+    """Pearson r, as Tayebi Arasteh et al. report them: of the target ε with SPD per attribute
+    (DP runs with finite ε), and of each subgroup's AUROC drop under DP with the subgroup's
+    size and with its non-private AUROC (DP runs paired with the non-private run of the same
+    setting and seed)."""
     result = {}
     for attribute in sorted({a for r in records for a in r["fairness"]}):
         pairs = [
             (r["epsilon"], r["fairness"][attribute]["spd"])
             for r in records
-            if attribute in r["fairness"] and math.isfinite(r["epsilon"]) and math.isfinite(r["fairness"][attribute]["spd"])
+            if attribute in r["fairness"] and math.isfinite(r["epsilon"])
         ]
-        xs, ys = zip(*pairs) if pairs else ((), ())
-        if len(pairs) >= 3 and len(set(xs)) > 1 and len(set(ys)) > 1:
-            r, p = pearsonr(xs, ys)
-            result[f"epsilon~spd[{attribute}]"] = {"r": float(r), "p": float(p), "n": len(pairs)}
-        else:
-            result[f"epsilon~spd[{attribute}]"] = {"r": math.nan, "p": math.nan, "n": len(pairs)}
+        result[f"epsilon~spd[{attribute}]"] = _pearson(pairs)
+    drops = auroc_drops(records)
+    result["auroc_drop~subgroup_size"] = _pearson([(n, drop) for drop, n, _ in drops])
+    result["auroc_drop~nonprivate_auroc"] = _pearson([(base, drop) for drop, _, base in drops])
     return result
+
+
+def auroc_drops(records: list[dict]) -> list[tuple[float, int, float]]:
+    """(non-private AUROC − DP AUROC, subgroup size, non-private AUROC) for every subgroup of
+    every DP run that has a non-private twin (same setting apart from privacy, same seed)."""
+    twin_keys = [k for k in SETTING_KEYS if k not in ("privacy", "epsilon", "client_epsilon")]
+    baseline = {
+        (*(r[k] for k in twin_keys), r["seed"]): r for r in records if r["privacy"] == "none"
+    }
+    drops = []
+    for record in records:
+        base = baseline.get((*(record[k] for k in twin_keys), record["seed"]))
+        if record["privacy"] == "none" or base is None:
+            continue
+        for attribute, groups in record["groups"].items():
+            for group, (auroc, n) in groups.items():
+                base_auroc = base["groups"].get(attribute, {}).get(group, (math.nan, 0))[0]
+                if math.isfinite(auroc) and math.isfinite(base_auroc):
+                    drops.append((base_auroc - auroc, n, base_auroc))
+    return drops
+
+
+def _pearson(pairs: list[tuple[float, float]]) -> dict:
+    """Pearson r and p over the finite pairs; NaN when fewer than 3 or a constant side."""
+    from scipy.stats import pearsonr
+
+    pairs = [(x, y) for x, y in pairs if math.isfinite(x) and math.isfinite(y)]
+    xs, ys = zip(*pairs) if pairs else ((), ())
+    if len(pairs) < 3 or len(set(xs)) < 2 or len(set(ys)) < 2:
+        return {"r": math.nan, "p": math.nan, "n": len(pairs)}
+    r, p = pearsonr(xs, ys)
+    return {"r": float(r), "p": float(p), "n": len(pairs)}
 
 
 def write_report(rows: list[dict], records: list[dict], correlation: dict, out: Path) -> list[Path]:
@@ -190,7 +230,33 @@ def plot_report(rows: list[dict], records: list[dict], out: Path) -> list[Path]:
     fig.savefig(out / "learning_curves.png", dpi=120)
     plt.close(fig)
     written.append(out / "learning_curves.png")
+    audited = [r for r in records if math.isfinite(r["audit_epsilon"])]
+    if audited:
+        written.append(plot_audit(audited, out / "audit_vs_epsilon.png", plt))
     return written
+
+
+def plot_audit(records: list[dict], path: Path, plt) -> Path:
+    """Empirical ε lower bound (membership inference) against the accounted ε; a run whose
+    point lies above the diagonal would contradict its accounting. No-DP runs sit at "∞"."""
+    finite = [r["spent_epsilon"] for r in records if math.isfinite(r["spent_epsilon"])]
+    infinity = 3 * max(finite + [1.0])
+    fig, ax = plt.subplots(figsize=(5, 4))
+    xs = [r["spent_epsilon"] if math.isfinite(r["spent_epsilon"]) else infinity for r in records]
+    ax.scatter(xs, [r["audit_epsilon"] for r in records], c=["C3" if x == infinity else "C0" for x in xs])
+    top = max(xs + [r["audit_epsilon"] for r in records])
+    ax.plot([0, infinity], [0, infinity], linestyle="--", color="grey", label="empirical = accounted")
+    ax.set_xlim(0, infinity * 1.1)
+    ax.set_ylim(0, max(1.0, min(top, infinity)) * 1.1)
+    ax.set_xticks([*ax.get_xticks()[ax.get_xticks() < infinity * 0.8], infinity], minor=False)
+    ax.set_xticklabels([*(f"{t:g}" for t in ax.get_xticks()[:-1]), "∞ (no DP)"])
+    ax.set_xlabel("accounted ε (record level)")
+    ax.set_ylabel("empirical ε lower bound (MIA, 95%)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:

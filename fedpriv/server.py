@@ -35,6 +35,13 @@ def global_model(settings: RunSettings, weights: dict) -> torch.nn.Module:
     return model
 
 
+def fairness_attributes(settings: RunSettings, splits: SplitData) -> list[tuple[str, tuple[float, ...]]]:
+    """The configured metadata attributes, plus `hospital` (each hospital's own test patients)
+    when the test split carries it (federations of more than one hospital)."""
+    extra = [("hospital", ())] if "hospital" in splits.test.metadata else []
+    return [*settings.data.fairness_attributes, *extra]
+
+
 def evaluate(settings: RunSettings, weights: dict, splits: SplitData) -> dict:
     """Test metrics (plain names), validation metrics (`val_` prefix) and, per fairness
     attribute, subgroup metrics and gaps on the test split, for the global model."""
@@ -43,7 +50,7 @@ def evaluate(settings: RunSettings, weights: dict, splits: SplitData) -> dict:
     val = binary_metrics(splits.val.labels, predict(model, splits.val, batch))
     fairness = {
         name: fairness_report(splits.test.labels, scores, subgroup_labels(splits.test.metadata[name], list(edges)))
-        for name, edges in settings.data.fairness_attributes
+        for name, edges in fairness_attributes(settings, splits)
     }
     return {
         **binary_metrics(splits.test.labels, scores),
@@ -60,7 +67,7 @@ def final_intervals(settings: RunSettings, weights: dict, splits: SplitData) -> 
     labels = splits.test.labels
     scores = predict(global_model(settings, weights), splits.test, settings.training.eval_batch_size)
     intervals = {"auroc": bootstrap_interval(labels, scores, auroc, rounds, settings.seed)}
-    for name, edges in settings.data.fairness_attributes:
+    for name, edges in fairness_attributes(settings, splits):
         groups = subgroup_labels(splits.test.metadata[name], list(edges))
         for group in sorted(set(groups.tolist())):
             rows = groups == group

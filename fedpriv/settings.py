@@ -20,40 +20,86 @@ from fedpriv.errors import FedprivError
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class PhantomDataSettings:
-    """`data=phantom_mammo`: generated mass patches, split by patient here."""
+@dataclass(frozen=True, kw_only=True)
+class BaseDataSettings:
+    """What every `data=` entry has: its name, the source that reads it (see
+    fedpriv.data.sources), the image edge length (2D: size², volumes: size³), whether
+    training applies flips/rotations, and the metadata columns fairness is measured over
+    (column -> bin edges; empty = categories)."""
 
     name: str
+    source: str
     image_size: int
+    augment: bool
+    fairness_attributes: tuple[tuple[str, tuple[float, ...]], ...] = ()
+
+
+@dataclass(frozen=True, kw_only=True)
+class PhantomDataSettings(BaseDataSettings):
+    """`data=phantom_mammo` / `phantom_ct`: generated data, split by patient here."""
+
     num_patients: int
-    images_per_patient: int
     num_sites: int
     malignant_fraction: float
     class_separation: float
     noise_level: float
     val_fraction: float
     test_fraction: float
-    augment: bool
-    fairness_attributes: tuple[tuple[str, tuple[float, ...]], ...] = ()
+    images_per_patient: int = 1  # mammography views per patient (CT: one volume)
 
 
-@dataclass(frozen=True)
-class FolderDataSettings:
-    """`data=cbis_ddsm`: split folders (train/val/test) of class folders of images."""
+@dataclass(frozen=True, kw_only=True)
+class FileDataSettings(BaseDataSettings):
+    """Options of every source that reads files: the intensity `window` [center, width] in
+    the files' units (null = the DICOM window, else the 0.5–99.5 percentile range),
+    `volume_fit` (resample | crop) for 3D files, and `skip_unreadable` (false: the first bad
+    file stops the run; true: bad items are left out, counted and listed in the summary)."""
 
-    name: str
+    window: tuple[float, ...] | None = None
+    volume_fit: str = "resample"
+    skip_unreadable: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class FolderDataSettings(FileDataSettings):
+    """`source: image_folder`: ROOT/<split folder>/<class folder>/<files>, patient ids taken
+    from file names by `patient_pattern` (e.g. `data=cbis_ddsm`)."""
+
     root: str
-    image_size: int
     splits: tuple[tuple[str, str], ...]
     class_folders: tuple[tuple[str, int], ...]
     patient_pattern: str
-    augment: bool
-    fairness_attributes: tuple[tuple[str, tuple[float, ...]], ...] = ()
 
 
-DataSettings = PhantomDataSettings | FolderDataSettings
-DATA_SETTINGS: dict[str, type] = {"phantom_mammo": PhantomDataSettings, "cbis_ddsm": FolderDataSettings}
+@dataclass(frozen=True, kw_only=True)
+class ManifestDataSettings(FileDataSettings):
+    """`source: manifest`: a CSV of files with label, patient id, optional split, metadata."""
+
+    manifest: str
+    root: str | None = None  # file paths are relative to this (null = the CSV's folder)
+    columns: tuple[tuple[str, str], ...]  # fedpriv field (path/label/patient_id/split) -> CSV column
+    labels: tuple[tuple[str, int], ...]  # label value as written in the CSV -> 1 malignant / 0 benign
+    val_fraction: float  # used when the CSV has no split column
+    test_fraction: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class NpzDataSettings(BaseDataSettings):
+    """`source: npz`: a MedMNIST-format .npz file given by `path`."""
+
+    path: str
+    labels: tuple[tuple[str, int], ...]
+    volume_fit: str = "resample"
+
+
+DataSettings = PhantomDataSettings | FolderDataSettings | ManifestDataSettings | NpzDataSettings
+DATA_SETTINGS: dict[str, type] = {
+    "phantom_mammo": PhantomDataSettings,
+    "phantom_ct": PhantomDataSettings,
+    "image_folder": FolderDataSettings,
+    "manifest": ManifestDataSettings,
+    "npz": NpzDataSettings,
+}
 
 
 @dataclass(frozen=True)
@@ -99,7 +145,9 @@ class PartitionSettings:
     """How training patients are spread over hospitals (`partition=` config group).
 
     `alpha` is for `dirichlet`, `power` for `quantity`, `column` for `by_column`;
-    `min_patients` is the fewest patients a hospital may get (dirichlet, quantity).
+    `min_patients` is the fewest patients a hospital may get (dirichlet, quantity);
+    `require_both_classes` refuses a partition that leaves a hospital without a malignant or
+    a benign case (otherwise such a hospital is only warned about).
     """
 
     name: str
@@ -107,6 +155,7 @@ class PartitionSettings:
     power: float | None = None
     column: str | None = None
     min_patients: int = 1
+    require_both_classes: bool = False
 
 
 @dataclass(frozen=True)
@@ -143,6 +192,19 @@ class EvaluationSettings:
 
 
 @dataclass(frozen=True)
+class AuditSettings:
+    """`audit=mia`: a loss-threshold membership-inference attack on the final model, members
+    (each hospital's training records) vs non-members (validation and test splits); `confidence` is the
+    level of the reported empirical ε lower bound. `audit=none` skips it."""
+
+    name: str
+    confidence: float | None = None
+
+
+AUDITS = ("none", "mia")
+
+
+@dataclass(frozen=True)
 class BackendSettings:
     """Flower simulation backend (Ray): resources per client and `ray.init` arguments."""
 
@@ -163,10 +225,12 @@ class RunSettings:
     strategy: StrategySettings
     training: TrainingSettings
     evaluation: EvaluationSettings
+    audit: AuditSettings
     backend: BackendSettings
 
 
 PRIVACY_MODES = ("none", "local", "central", "local_central")
+VOLUME_FITS = ("resample", "crop")
 OPTIMIZERS = ("sgd", "adamw")
 
 
@@ -177,21 +241,22 @@ def settings_from_config(cfg: DictConfig) -> RunSettings:
     except MissingMandatoryValue as error:
         key = error.full_key or "a required setting"
         raise FedprivError(f"{key} is not set: add {key}=... to the command line") from None
-    data_name = raw["data"].get("name")
-    if data_name not in DATA_SETTINGS:
-        raise FedprivError(f"data={data_name!r} is unknown; choose one of {sorted(DATA_SETTINGS)}")
+    data_source = raw["data"].get("source")
+    if data_source not in DATA_SETTINGS:
+        raise FedprivError(f"data.source={data_source!r} is unknown; choose one of {sorted(DATA_SETTINGS)}")
     settings = RunSettings(
         num_clients=_typed(raw, "num_clients", int),
         rounds=_typed(raw, "rounds", int),
         local_epochs=_typed(raw, "local_epochs", int),
         seed=_typed(raw, "seed", int),
-        data=_build(DATA_SETTINGS[data_name], raw["data"], "data"),
+        data=_build(DATA_SETTINGS[data_source], raw["data"], "data"),
         model=ModelSettings(name=raw["model"]["name"], kwargs=_freeze(raw["model"].get("kwargs") or {})),
         privacy=_build(PrivacySettings, raw["privacy"], "privacy"),
         partition=_build(PartitionSettings, raw["partition"], "partition"),
         strategy=_build(StrategySettings, raw["strategy"], "strategy"),
         training=_build(TrainingSettings, raw["training"], "training"),
         evaluation=_build(EvaluationSettings, raw["evaluation"], "evaluation"),
+        audit=_build(AuditSettings, raw["audit"], "audit"),
         backend=_build(BackendSettings, raw["backend"], "backend"),
     )
     validate(settings)
@@ -280,18 +345,36 @@ def validate(s: RunSettings) -> None:
     import fedpriv.models  # noqa: F401  (registers fedpriv's models in timm)
 
     _require(is_model(s.model.name), f"model.name={s.model.name!r} is not in timm's registry; see configs/model/")
+    _require(s.audit.name in AUDITS, f"audit={s.audit.name!r} is unknown; choose one of {AUDITS}")
+    if s.audit.name == "mia":
+        c = s.audit.confidence
+        _require(c is not None and 0 < c < 1, f"audit.confidence={c} must be strictly between 0 and 1")
     _require(s.evaluation.bootstrap >= 0, f"evaluation.bootstrap={s.evaluation.bootstrap} must be >= 0")
     _require(s.data.image_size >= 16, f"data.image_size={s.data.image_size} must be at least 16")
-    if isinstance(s.data, PhantomDataSettings):
-        d = s.data
+    d = s.data
+    if isinstance(d, PhantomDataSettings):
         _require(d.num_patients >= 10, f"data.num_patients={d.num_patients} must be at least 10")
         _require(d.images_per_patient >= 1, f"data.images_per_patient={d.images_per_patient} must be at least 1")
         _require(d.num_sites >= 1, f"data.num_sites={d.num_sites} must be at least 1")
         _require(0 < d.malignant_fraction < 1, "data.malignant_fraction must be strictly between 0 and 1")
+    if isinstance(d, (PhantomDataSettings, ManifestDataSettings)):
         _require(
             d.val_fraction > 0 and d.test_fraction > 0 and d.val_fraction + d.test_fraction < 1,
             "data.val_fraction and data.test_fraction must be > 0 and sum to less than 1",
         )
+    if isinstance(d, (FileDataSettings, NpzDataSettings)):
+        _require(d.volume_fit in VOLUME_FITS, f"data.volume_fit={d.volume_fit!r} must be one of {VOLUME_FITS}")
+    if isinstance(d, FileDataSettings) and d.window is not None:
+        _require(
+            len(d.window) == 2 and d.window[1] > 0,
+            f"data.window={list(d.window)} must be [center, width] with width > 0 (or null)",
+        )
+    if isinstance(d, (ManifestDataSettings, NpzDataSettings)):
+        bad = [(k, v) for k, v in d.labels if v not in (0, 1)]
+        _require(not bad and bool(d.labels), f"data.labels must map label values to 1 (malignant) or 0 (benign); got {dict(d.labels)}")
+    if isinstance(d, ManifestDataSettings):
+        missing = [k for k in ("path", "label", "patient_id") if k not in dict(d.columns)]
+        _require(not missing, f"data.columns.{missing[0] if missing else ''} is not set; map it to a CSV column")
 
 
 def warn_delta(settings: RunSettings, smallest_hospital_records: int) -> None:
@@ -342,6 +425,8 @@ def _build(kind: type, raw: dict, group: str) -> Any:
         expected = names[name].type
         if expected in ("int", "float") and (isinstance(value, bool) or not isinstance(value, (int, float))):
             raise FedprivError(f"{group}.{name}={value!r} must be a number")
+        if expected == "bool" and not isinstance(value, bool):
+            raise FedprivError(f"{group}.{name}={value!r} must be true or false")
         if expected == "int" and isinstance(value, float):
             raise FedprivError(f"{group}.{name}={value!r} must be an integer")
         if expected.startswith("float") and value is not None:

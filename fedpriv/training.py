@@ -15,8 +15,8 @@ from fedpriv.settings import TrainingSettings
 
 
 class RecordDataset(Dataset):
-    """Torch view of ImageRecords; `augment` applies random flips and 90° rotations
-    (mass patches have no canonical orientation)."""
+    """Torch view of ImageRecords (2D images or 3D volumes); `augment` applies random 90°
+    rotations and flips in the last two axes (mass patches have no canonical orientation)."""
 
     def __init__(self, records: ImageRecords, augment: bool) -> None:
         self.images = torch.from_numpy(records.images)
@@ -29,9 +29,9 @@ class RecordDataset(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         image = self.images[i]
         if self.augment:
-            image = torch.rot90(image, int(torch.randint(4, ())), dims=(1, 2))
+            image = torch.rot90(image, int(torch.randint(4, ())), dims=(-2, -1))
             if torch.rand(()) < 0.5:
-                image = image.flip(2)
+                image = image.flip(-1)
         return (image - 0.5) / 0.5, self.labels[i]
 
 

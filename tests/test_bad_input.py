@@ -3,17 +3,10 @@
 import subprocess
 import sys
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from conftest import ROOT, make_settings
-from fedpriv.data.image_folder import read_split_folders
 from fedpriv.errors import FedprivError
-
-CLASSES = {"is_benign_false": 1, "is_benign_true": 0}
-SPLITS = {"train": "train", "val": "val", "test": "test"}
-
 
 @pytest.mark.parametrize(
     "override, key",
@@ -61,54 +54,6 @@ def test_missing_data_root_says_how_to_set_it():
         make_settings(["data=cbis_ddsm"])
 
 
-def _write_png(path, value=128, size=20):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.full((size, size), value, np.uint8)).save(path)
-
-
-def _make_folder_dataset(root, patients=4):
-    for split in SPLITS:
-        for folder in CLASSES:
-            for p in range(patients):
-                _write_png(root / split / folder / f"patientx__P_{split}{p:03d}_img_{folder}.png")
-
-
-def test_folder_dataset_reads_labels_and_patients(tmp_path):
-    _make_folder_dataset(tmp_path)
-    data = read_split_folders(tmp_path, SPLITS, CLASSES, 16, r"(P_\w+?)_img")
-    assert len(data.train) == 8 and data.train.images.shape == (8, 1, 16, 16)
-    assert sorted(set(data.train.labels)) == [0, 1]
-    assert data.test.patient_ids[0].startswith("P_test")
-
-
-def test_empty_class_folder_is_named(tmp_path):
-    _make_folder_dataset(tmp_path)
-    for f in (tmp_path / "val" / "is_benign_true").iterdir():
-        f.unlink()
-    with pytest.raises(FedprivError, match=r"val/is_benign_true has no images"):
-        read_split_folders(tmp_path, SPLITS, CLASSES, 16, r"(P_\w+?)_img")
-
-
-def test_unreadable_image_is_named(tmp_path):
-    _make_folder_dataset(tmp_path)
-    broken = tmp_path / "train" / "is_benign_false" / "patientx__P_bad_img_x.png"
-    broken.write_bytes(b"\x89PNG not really")
-    with pytest.raises(FedprivError, match="P_bad_img_x.png cannot be read"):
-        read_split_folders(tmp_path, SPLITS, CLASSES, 16, r"(P_\w+?)_img")
-
-
-def test_patient_in_two_splits_is_refused(tmp_path):
-    _make_folder_dataset(tmp_path)
-    _write_png(tmp_path / "test" / "is_benign_true" / "patientx__P_train000_img_dup.png")
-    with pytest.raises(FedprivError, match="P_train000 is in both"):
-        read_split_folders(tmp_path, SPLITS, CLASSES, 16, r"(P_\w+?)_img")
-
-
-def test_missing_root_folder(tmp_path):
-    with pytest.raises(FedprivError, match="is not a folder"):
-        read_split_folders(tmp_path / "nope", SPLITS, CLASSES, 16, r"(P_\w+)")
-
-
 @pytest.mark.parametrize(
     "args, needle",
     [
@@ -128,3 +73,15 @@ def test_cli_stops_with_one_line_and_no_result(tmp_path, args, needle):
     assert needle in proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout
     assert not (run_dir / "summary.json").exists() and not (run_dir / "metrics.jsonl").exists()
+
+
+def test_partition_leaving_a_hospital_one_class_is_refused_when_both_are_required(tmp_path):
+    from fedpriv.experiment import run_experiment
+
+    settings = make_settings(
+        ["data.num_patients=60", "data.image_size=32", "num_clients=4", "partition=dirichlet",
+         "partition.alpha=0.1", "partition.min_patients=1", "partition.require_both_classes=true"]
+    )
+    with pytest.raises(FedprivError, match=r"leaves hospital \d+ with .*partition\.require_both_classes"):
+        run_experiment(settings, tmp_path / "run")
+    assert not (tmp_path / "run" / "summary.json").exists()

@@ -7,14 +7,14 @@ import pytest
 from conftest import TINY, make_settings
 from fedpriv.errors import FedprivError
 from fedpriv.experiment import run_experiment
-from fedpriv.report import find_runs, group_settings, main, run_record, table_rows
+from fedpriv.report import auroc_drops, find_runs, group_settings, main, run_record, table_rows
 
 
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory):
     root = tmp_path_factory.mktemp("sweep")
-    for i, seed in enumerate((0, 1)):
-        overrides = [*TINY, "num_clients=1", "rounds=1", "privacy.target_epsilon=4", f"seed={seed}"]
+    for i, (seed, privacy) in enumerate(((0, "privacy.target_epsilon=4"), (1, "privacy.target_epsilon=4"), (0, "privacy=none"))):
+        overrides = [*TINY, "num_clients=1", "rounds=1", privacy, f"seed={seed}", "audit=mia"]
         run_experiment(make_settings(overrides), root / str(i))
     (root / "broken").mkdir()  # an unfinished run: no summary.json, not reported
     (root / "broken" / "metrics.jsonl").write_text("")
@@ -23,20 +23,43 @@ def sweep(tmp_path_factory):
 
 def test_runs_differing_by_seed_form_one_setting(sweep):
     records = [run_record(r) for r in find_runs([sweep])]
-    assert len(records) == 2 and {r["seed"] for r in records} == {0, 1}
+    assert len(records) == 3 and {r["seed"] for r in records} == {0, 1}
     rows = table_rows(group_settings(records))
-    assert len(rows) == 1 and rows[0]["seeds"] == 2 and rows[0]["epsilon"] == 4.0
-    aurocs = [r["auroc"] for r in records]
-    assert rows[0]["auroc"] == pytest.approx(sum(aurocs) / 2)
-    assert math.isfinite(rows[0]["auroc_std"]) and "site.spd" in rows[0]
+    dp, plain = sorted(rows, key=lambda row: row["privacy"])  # local, none
+    assert len(rows) == 2 and dp["seeds"] == 2 and dp["epsilon"] == 4.0
+    assert plain["privacy"] == "none" and plain["seeds"] == 1
+    aurocs = [r["auroc"] for r in records if r["privacy"] == "local"]
+    assert dp["auroc"] == pytest.approx(sum(aurocs) / 2)
+    assert math.isfinite(dp["auroc_std"]) and "site.spd" in dp
+    assert 0 <= dp["audit_epsilon"] <= 4.0 and 0 <= dp["audit_auroc"] <= 1
 
 
 def test_cli_writes_tables_and_plots(sweep, tmp_path):
     assert main([str(sweep), "--out", str(tmp_path / "report")]) == 0
-    for name in ("report.md", "report.csv", "auroc_vs_epsilon.png", "fairness_vs_epsilon.png", "learning_curves.png"):
+    names = ("report.md", "report.csv", "auroc_vs_epsilon.png", "fairness_vs_epsilon.png", "learning_curves.png", "audit_vs_epsilon.png")
+    for name in names:
         assert (tmp_path / "report" / name).stat().st_size > 0
     text = (tmp_path / "report" / "report.md").read_text()
-    assert "± " in text and "epsilon~spd[site]" in text
+    assert "± " in text and "epsilon~spd[site]" in text and "auroc_drop~subgroup_size" in text
+
+
+def _record(privacy, seed, groups):
+    return {"data": "d", "model": "m", "privacy": privacy, "epsilon": 1.0 if privacy != "none" else math.inf,
+            "client_epsilon": math.inf, "num_clients": 2, "strategy": "fedavg", "partition": "iid", "rounds": 3,
+            "seed": seed, "groups": {"age": groups}}
+
+
+def test_auroc_drop_pairs_each_dp_run_with_its_non_private_twin():
+    records = [
+        _record("none", 0, {"young": (0.9, 10), "old": (0.8, 40)}),
+        _record("local", 0, {"young": (0.6, 10), "old": (0.75, 40)}),
+        _record("local", 1, {"young": (0.1, 10), "old": (0.1, 40)}),  # no twin with seed 1: left out
+        _record("none", 1 + 1, {"young": (0.5, 10), "old": (math.nan, 40)}),
+    ]
+    drops = sorted(auroc_drops(records))
+    assert drops == [pytest.approx((0.05, 40, 0.8)), pytest.approx((0.3, 10, 0.9))]
+    records += [_record("local", 0, {"mid": (0.5, 20)}) | {"strategy": "fedprox"}]  # twin differs: left out
+    assert len(auroc_drops(records)) == 2
 
 
 def test_folder_without_runs_is_a_clear_error(tmp_path, capsys):

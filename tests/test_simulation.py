@@ -49,9 +49,11 @@ def test_federated_dp_run_is_accounted_cumulatively_and_cross_checked(tmp_path):
     assert privacy["max_epsilon"] == max(v["epsilon"] for v in privacy["hospitals"].values())
 
     for line in lines:  # subgroup metrics every round, for each configured attribute
-        assert set(line["fairness"]) == {"site", "age"}
+        assert set(line["fairness"]) == {"site", "age", "hospital"}
         groups = line["fairness"]["age"]["groups"]
         assert set(groups) <= {"<50", "50-65", ">=65"} and sum(g["n"] for g in groups.values()) == line_test_size(settings)
+        own = line["fairness"]["hospital"]["groups"]  # each hospital's own test patients
+        assert set(own) == {"h0", "h1"} and sum(g["n"] for g in own.values()) == line_test_size(settings)
 
     written = json.loads((tmp_path / "summary.json").read_text())
     assert written["fairness"] == lines[-1]["fairness"]
@@ -209,3 +211,25 @@ def test_server_optimisers_under_central_dp(tmp_path, strategy, clipping):
     assert "hospitals" not in summary["privacy"]
     assert summary["privacy"]["client_level"]["epsilon"] == pytest.approx(3.0, rel=0.02)
     assert read_lines(tmp_path)[-1]["epsilon"] is None
+
+
+def test_membership_audit_finds_leakage_without_dp_and_none_beyond_epsilon_1(tmp_path):
+    """audit=mia through the engine: an overfit non-private model leaks clearly more than an
+    ε = 1 model, whose empirical ε lower bound stays below its accounted ε."""
+    base = ["data.num_patients=400", "data.images_per_patient=1", "data.image_size=32", "data.test_fraction=0.3",
+            "data.class_separation=1.0", "num_clients=2", "rounds=2", "training.batch_size=16",
+            "evaluation.bootstrap=0", "audit=mia"]
+    leaky = run_experiment(make_settings([*base, "privacy=none", "local_epochs=25"]), tmp_path / "none")["audit"]
+    private = run_experiment(make_settings([*base, "privacy.target_epsilon=1", "local_epochs=5"]), tmp_path / "dp")["audit"]
+
+    assert leaky["pooled"]["attack_auroc"] > 0.65 and leaky["pooled"]["epsilon_lower_bound_ci"] > 0.5
+    assert private["pooled"]["attack_auroc"] < leaky["pooled"]["attack_auroc"] - 0.1
+    assert private["accounted_epsilon"] == pytest.approx(1.0, rel=0.02)
+    assert private["pooled"]["epsilon_lower_bound_ci"] <= private["accounted_epsilon"]
+    assert leaky["accounted_epsilon"] == math.inf  # no record-level DP: nothing bounds it
+    for audit in (leaky, private):
+        assert set(audit["hospitals"]) == {"0", "1"}
+        assert sum(h["n_members"] for h in audit["hospitals"].values()) == audit["pooled"]["n_members"]
+        assert audit["pooled"]["n_nonmembers"] == 180  # validation + test patients
+    written = json.loads((tmp_path / "none" / "summary.json").read_text())["audit"]
+    assert written["accounted_epsilon"] is None and written["pooled"] == leaky["pooled"]

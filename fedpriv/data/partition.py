@@ -172,3 +172,41 @@ def partition_table(train: ImageRecords, shards: list[np.ndarray]) -> list[dict]
             }
         )
     return rows
+
+
+def hospital_test_patients(
+    train: ImageRecords, shards: list[np.ndarray], test: ImageRecords, settings: PartitionSettings, seed: int
+) -> np.ndarray:
+    """Each test row's hospital ("h<k>"), so that every hospital has test patients of its own.
+
+    `by_column`: the hospital of the same column value ("other" for values no hospital trains
+    on). Otherwise test patients are dealt out by label in proportion to each hospital's
+    training patients of that label, so a hospital's test set mirrors its size and case mix.
+    """
+    patients, malignant = patient_labels(test)
+    if settings.name == "by_column":
+        site_of = {v: f"h{h}" for h, rows in enumerate(shards) for v in train.metadata[settings.column][rows].tolist()}
+        return np.array([site_of.get(v, "other") for v in test.metadata[settings.column].tolist()])
+    train_patients, train_malignant = patient_labels(train)
+    hospital_of = {p: h for h, rows in enumerate(shards) for p in train.patient_ids[rows].tolist()}
+    counts = np.zeros((len(shards), 2))
+    for patient, label in zip(train_patients.tolist(), train_malignant.tolist()):
+        counts[hospital_of[patient], label] += 1
+    rng = np.random.default_rng([seed, 4099])
+    assigned = {}
+    for label in (0, 1):
+        members = rng.permutation(patients[malignant == label])
+        quotas = _largest_remainder(counts[:, label], len(members))
+        for patient, hospital in zip(members.tolist(), np.repeat(np.arange(len(shards)), quotas).tolist()):
+            assigned[patient] = f"h{hospital}"
+    return np.array([assigned[p] for p in test.patient_ids.tolist()])
+
+
+def _largest_remainder(weights: np.ndarray, total: int) -> np.ndarray:
+    """Integer shares of `total` proportional to `weights` (Hamilton's method)."""
+    if weights.sum() == 0:
+        weights = np.ones_like(weights)
+    exact = total * weights / weights.sum()
+    quotas = np.floor(exact).astype(int)
+    quotas[np.argsort(quotas - exact)[: total - quotas.sum()]] += 1
+    return quotas

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from fedpriv.errors import FedprivError
+
 #: Label convention used everywhere: malignant is the positive class.
 MALIGNANT, BENIGN = 1, 0
 
@@ -49,17 +51,39 @@ class ImageRecords:
 
 
 @dataclass
+class DataProblems:
+    """Unreadable or inconsistent items met while loading.
+
+    Strict (the default for runs): the first problem stops the run with its message.
+    Collecting (`data.skip_unreadable=true`, and `fedpriv.data check`): each problem is kept,
+    the item is left out, and the count and messages go into the run's summary.
+    """
+
+    collect: bool = False
+    messages: list[str] = field(default_factory=list)
+
+    def report(self, message: str) -> None:
+        if not self.collect:
+            raise FedprivError(message)
+        self.messages.append(message)
+
+
+@dataclass
 class SplitData:
-    """Train/val/test records; no patient appears in two of them."""
+    """Train/val/test records; no patient appears in two of them. `skipped` lists the
+    items a lenient load left out (see DataProblems)."""
 
     train: ImageRecords
     val: ImageRecords
     test: ImageRecords
+    skipped: tuple[str, ...] = ()
+
+    @property
+    def parts(self) -> dict[str, ImageRecords]:
+        return {"train": self.train, "val": self.val, "test": self.test}
 
     def check_disjoint_patients(self, source: str) -> None:
-        from fedpriv.errors import FedprivError
-
-        parts = {"train": self.train, "val": self.val, "test": self.test}
+        parts = self.parts
         names = list(parts)
         for i, a in enumerate(names):
             for b in names[i + 1 :]:
@@ -69,3 +93,37 @@ class SplitData:
                         f"{source}: patient {shared[0]} is in both the {a} and {b} split "
                         f"({len(shared)} shared patients); splits must be by patient"
                     )
+
+
+def stack_records(
+    source: str,
+    images: list[np.ndarray],
+    labels: list[int],
+    patient_ids: list[str],
+    metadata: list[dict],
+) -> ImageRecords:
+    """ImageRecords from per-item lists; a metadata field becomes a column only when every
+    item has it (files differ in which tags they carry)."""
+    if not images:
+        raise FedprivError(f"{source}: no readable images")
+    shapes = sorted({image.shape for image in images})
+    if len(shapes) > 1:
+        raise FedprivError(f"{source} mixes images of shapes {shapes} (2D images and 3D volumes?); use one kind per data set")
+    shared = set.intersection(*(set(m) for m in metadata)) if metadata else set()
+    return ImageRecords(
+        images=np.stack(images),
+        labels=np.array(labels, dtype=np.int64),
+        patient_ids=np.array(patient_ids).astype(str),
+        metadata={name: np.array([m[name] for m in metadata]) for name in sorted(shared)},
+    )
+
+
+def concat_records(parts: list[ImageRecords]) -> ImageRecords:
+    """Rows of several record sets, one after another (metadata columns they all have)."""
+    shared = set.intersection(*(set(p.metadata) for p in parts))
+    return ImageRecords(
+        images=np.concatenate([p.images for p in parts]),
+        labels=np.concatenate([p.labels for p in parts]),
+        patient_ids=np.concatenate([p.patient_ids for p in parts]),
+        metadata={k: np.concatenate([p.metadata[k] for p in parts]) for k in sorted(shared)},
+    )
