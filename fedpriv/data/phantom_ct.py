@@ -22,7 +22,7 @@ _FAT, _FLUID, _SOFT, _PANCREAS, _AORTA, _BONE = 0.16, 0.42, 0.52, 0.68, 0.86, 1.
 #: Volumes rendered per chunk; a constant, since the random draws follow the chunking.
 _CHUNK = 16
 #: Bounds of the lesion's radius (normalised units), radial wobble and margin (voxels): its box.
-_MAX_LESION_RADIUS, _MAX_WOBBLE, _MAX_MARGIN = 0.58, 0.5, 2.5
+_MAX_LESION_RADIUS, _MAX_WOBBLE, _MAX_MARGIN = 0.52, 0.5, 2.5
 
 
 @dataclass(frozen=True)
@@ -53,20 +53,21 @@ def generate_phantom_ct(spec: PhantomCTSpec, seed: int) -> ImageRecords:
     look = np.clip(look, -0.6, 1.6)
     pos_look = np.clip(look, 0.0, None)
 
-    # Anatomy: body ellipse (larger in men), spine, aorta and a curved, tapering pancreas.
-    body_a = rng.uniform(0.80, 0.92, n) + 0.04 * male
-    body_b = rng.uniform(0.62, 0.74, n) + 0.03 * male
-    spine = np.stack([rng.uniform(0.38, 0.48, n), rng.normal(0.0, 0.03, n)], 1)  # (y, x)
-    aorta = spine + np.stack([rng.uniform(-0.26, -0.2, n), rng.uniform(0.06, 0.14, n)], 1)
-    head_x, tail_x = rng.uniform(-0.45, -0.35, n), rng.uniform(0.5, 0.62, n)
-    pan_y = aorta[:, 0] - rng.uniform(0.16, 0.24, n)
+    # Anatomy, in a field of view tight around the pancreas: body ellipse (larger in men, its sides
+    # may leave the field), spine, aorta and a curved, tapering pancreas.
+    body_a = rng.uniform(0.88, 1.0, n) + 0.05 * male
+    body_b = rng.uniform(0.70, 0.80, n) + 0.04 * male
+    spine = np.stack([rng.uniform(0.48, 0.56, n), rng.normal(0.0, 0.03, n)], 1)  # (y, x)
+    aorta = spine + np.stack([rng.uniform(-0.3, -0.24, n), rng.uniform(0.06, 0.14, n)], 1)
+    head_x, tail_x = rng.uniform(-0.58, -0.48, n), rng.uniform(0.6, 0.72, n)
+    pan_y = aorta[:, 0] - rng.uniform(0.2, 0.28, n)
     pan_bend, pan_tilt = rng.uniform(0.2, 0.5, n), rng.uniform(-0.15, 0.05, n)
     pan_z, pan_zslope = rng.normal(0.0, 0.08, n), rng.uniform(-0.3, -0.1, n)
-    pan_radius = rng.uniform(0.15, 0.19, n) * np.where(ages > 70, 0.9, 1.0)  # mild atrophy with age
+    pan_radius = rng.uniform(0.17, 0.21, n) * np.where(ages > 70, 0.9, 1.0)  # mild atrophy with age
 
     # Lesion: on the pancreas axis; size, lobulation, margin, hypodensity, necrosis follow the look.
-    lesion_x = rng.uniform(-0.25, 0.3, n)
-    lesion_radius = np.clip(rng.uniform(0.32, 0.48, n) + 0.06 * look, 0.24, _MAX_LESION_RADIUS)
+    lesion_x = rng.uniform(-0.3, 0.3, n)
+    lesion_radius = np.clip(rng.uniform(0.3, 0.44, n) + 0.05 * look, 0.22, _MAX_LESION_RADIUS)
     n_lobes = 6
     lobe_dirs = rng.standard_normal((n, n_lobes, 3))
     lobe_dirs /= np.linalg.norm(lobe_dirs, axis=2, keepdims=True)
@@ -142,8 +143,8 @@ def _render(p: dict[str, np.ndarray], site: dict[str, np.ndarray], size: int, rn
     viscera = _soft_step(0.8 - body_r, 2.5 * voxel)
     bowel = _soft_step(coarse - 0.6, 1.2)
     images = body * (_FAT + viscera * (0.7 + 0.3 * bowel) * (_SOFT - _FAT) + 0.02 * fine)
-    images = _paint(images, _disc(y, x, p["spine"], 0.13, voxel), _BONE)
-    images = _paint(images, _disc(y, x, p["aorta"], 0.07, voxel), _AORTA)
+    images = _paint(images, _disc(y, x, p["spine"], 0.16, voxel), _BONE)
+    images = _paint(images, _disc(y, x, p["aorta"], 0.09, voxel), _AORTA)
 
     # Pancreas: a tube along x whose centre line bends in y and rises in z, thick head, thin tail.
     length = col(p["tail_x"] - p["head_x"])
