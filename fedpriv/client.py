@@ -1,7 +1,8 @@
 """One hospital's local round: load its own shard, train (DP-SGD or not), report back.
 
-Only weights, counts and metrics leave the hospital. Its privacy state (σ and the
-accountant's history) is kept in the node's persistent state between rounds.
+Only weights, counts and metrics leave the hospital (its privacy history is a list of
+mechanisms: σ, sample rate, steps). Its privacy state is kept on its own disk
+(fedpriv.privacy.hospital_state), so it survives crashes, timeouts and resumes.
 """
 
 from __future__ import annotations
@@ -9,7 +10,9 @@ from __future__ import annotations
 import functools
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
@@ -17,9 +20,11 @@ from fedpriv.data.partition import partition_by_patient
 from fedpriv.data.records import ImageRecords
 from fedpriv.data.sources import load_splits
 from fedpriv.models import build_model
-from fedpriv.privacy.accounting import History, calibrate_noise_multiplier, epsilon_spent, poisson_plan
+from fedpriv.errors import FedprivError
+from fedpriv.privacy.accounting import calibrate_noise_multiplier, epsilon_spent, poisson_plan
 from fedpriv.privacy.engine import make_private
-from fedpriv.settings import RunSettings
+from fedpriv.privacy.hospital_state import HospitalPrivacyState, SpentRound, history_metrics, release_digest
+from fedpriv.settings import FaultSettings, RunSettings
 from fedpriv.training import RecordDataset, make_optimizer, proximal_pull, train_epochs
 from strategies import UNIFORM_WEIGHT
 
@@ -39,20 +44,31 @@ def round_seed(seed: int, server_round: int, hospital: int) -> int:
 
 @dataclass(frozen=True)
 class HospitalTrainer:
-    """The ClientApp's work, as a plain callable (see federation.HospitalTrain)."""
+    """The ClientApp's work, as a plain callable (see federation.HospitalTrain).
+
+    `state_dir` stands for each hospital's own disk: its privacy state lives there
+    (`hospital_<k>.json`), written before any update leaves the hospital.
+    """
 
     settings: RunSettings
+    state_dir: str
+
+    def state_path(self, hospital: int) -> Path:
+        return Path(self.state_dir) / f"hospital_{hospital}.json"
 
     def describe(self, hospital: int) -> dict:
+        """Counts and the privacy history: what the server may know about this hospital."""
         shard = hospital_shard(self.settings, hospital)
-        return {"num_examples": len(shard), "num_patients": len(shard.patients)}
+        facts = {"num_examples": len(shard), "num_patients": len(shard.patients)}
+        return facts | history_metrics(HospitalPrivacyState.load(self.state_path(hospital)))
 
-    def __call__(self, hospital: int, weights: dict, config: dict, saved: dict) -> tuple[dict, dict, dict]:
+    def __call__(self, hospital: int, weights: dict, config: dict) -> tuple[dict, dict]:
         s = self.settings
         started = time.perf_counter()
+        server_round = int(config["server-round"])
         threads = int(dict(s.backend.client_resources).get("num_cpus", 1))
         torch.set_num_threads(max(1, threads))
-        seed = round_seed(s.seed, int(config["server-round"]), hospital)
+        seed = round_seed(s.seed, server_round, hospital)
         torch.manual_seed(seed)
         shard = hospital_shard(s, hospital)
         model = build_model(s.model, s.data.image_size)
@@ -68,55 +84,59 @@ class HospitalTrainer:
         )
         metrics = {"hospital": hospital, "num-examples": len(shard), UNIFORM_WEIGHT: 1}
         if s.privacy.local:
-            weights, privacy_metrics, saved = self._train_private(
-                model, optimizer, loader, len(shard), saved, seed, after_step
-            )
+            weights, privacy_metrics = self._train_private(model, optimizer, loader, hospital, server_round, seed, after_step)
             metrics.update(privacy_metrics)
         else:
             metrics["train_loss"] = train_epochs(model, optimizer, loader, s.local_epochs, False, after_step)
             weights = model.state_dict()
+        inject_fault(s.faults, s.seed, server_round, hospital)
         metrics["seconds"] = time.perf_counter() - started
-        return weights, metrics, saved
+        return weights, metrics
 
-    def _train_private(self, model, optimizer, loader, n: int, saved: dict, seed: int, after_step):
+    def _train_private(self, model, optimizer, loader, hospital: int, server_round: int, seed: int, after_step):
         s, p = self.settings, self.settings.privacy
+        n = len(loader.dataset)
         sample_rate, steps_per_epoch = poisson_plan(n, s.training.batch_size)
-        if "noise_multiplier" in saved:
-            sigma = float(saved["noise_multiplier"])
-        else:  # calibrated once, for the whole planned run
+        path = self.state_path(hospital)
+        state = HospitalPrivacyState.load(path)
+        if state.noise_multiplier is None:  # calibrated once, for the whole planned run
             planned = s.rounds * s.local_epochs * steps_per_epoch
-            sigma = calibrate_noise_multiplier(p.target_epsilon, p.delta, sample_rate, planned)
-        before = _decode_history(saved)
-        next_round = before + [(sigma, sample_rate, s.local_epochs * steps_per_epoch)]
-        if epsilon_spent(next_round, p.delta) > p.budget:
+            state.noise_multiplier = calibrate_noise_multiplier(p.target_epsilon, p.delta, sample_rate, planned)
+        sigma, before = state.noise_multiplier, state.history
+        steps = s.local_epochs * steps_per_epoch
+        if epsilon_spent(before + [(sigma, sample_rate, steps)], p.delta) > p.budget:
             # This hospital's budget would be exceeded: it does not train, and says why.
             unchanged = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            metrics = {"budget_exhausted": 1, "epsilon": epsilon_spent(before, p.delta)}
-            return unchanged, metrics, saved
+            metrics = {"budget_exhausted": 1, "epsilon": epsilon_spent(before, p.delta), **history_metrics(state)}
+            return unchanged, metrics
         session = make_private(
             model, optimizer, loader, sigma, p.max_grad_norm, before, torch.Generator().manual_seed(seed + 1)
         )
         loss = train_epochs(session.model, session.optimizer, session.loader, s.local_epochs, True, after_step)
-        after = session.history
+        released = session.unwrapped_state()
+        accounted = sum(n for *_, n in session.history) - sum(n for *_, n in before)
+        if accounted != steps:  # the accountant is the ground truth of what DP-SGD ran
+            raise FedprivError(f"hospital {hospital}: Opacus accounted {accounted} DP-SGD steps, expected {steps}")
+        state.record(SpentRound(server_round, sigma, sample_rate, steps, release_digest(released)))
+        state.save(path)  # before the update leaves: a crash from here on cannot lose this round
         metrics = {
             "train_loss": loss,
-            "epsilon": session.epsilon(p.delta),
+            "epsilon": epsilon_spent(state.history, p.delta),
             "noise_multiplier": sigma,
             "sample_rate": sample_rate,
-            "steps": sum(n for _, _, n in after) - sum(n for _, _, n in before),
+            "steps": steps,
+            **history_metrics(state),
         }
-        return session.unwrapped_state(), metrics, {"noise_multiplier": sigma, **_encode_history(after)}
+        return released, metrics
 
 
-def _encode_history(history: History) -> dict:
-    return {
-        "history_sigma": [h[0] for h in history],
-        "history_rate": [h[1] for h in history],
-        "history_steps": [h[2] for h in history],
-    }
-
-
-def _decode_history(saved: dict) -> History:
-    if "history_sigma" not in saved:
-        return []
-    return list(zip(saved["history_sigma"], saved["history_rate"], saved["history_steps"]))
+def inject_fault(faults: FaultSettings, seed: int, server_round: int, hospital: int) -> None:
+    """`faults.client_failure_rate` / `client_hang_rate`: after training (so its privacy is
+    spent), a hospital crashes, or hangs past the server's timeout; seeded per round."""
+    if faults.client_failure_rate == 0 and faults.client_hang_rate == 0:
+        return
+    draw = np.random.default_rng([seed, server_round, hospital, 7]).random()
+    if draw < faults.client_failure_rate:
+        raise RuntimeError(f"injected failure (faults.client_failure_rate={faults.client_failure_rate})")
+    if draw < faults.client_failure_rate + faults.client_hang_rate:
+        time.sleep(faults.client_timeout * 1.5)

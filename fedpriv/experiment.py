@@ -22,15 +22,16 @@ from fedpriv.federation import build_client_app, build_server_app, run_federatio
 from fedpriv.outputs import RunDirectory
 from fedpriv.privacy.accounting import calibrate_noise_multiplier, epsilon_spent, poisson_plan
 from fedpriv.privacy.ledger import PrivacyLedger
-from fedpriv.server import final_intervals, global_model, run_rounds
+from fedpriv.checkpoint import Checkpoint
+from fedpriv.server import final_intervals, global_model, run_rounds, run_settings_dict
 from fedpriv.settings import RunSettings, warn_delta
 from fedpriv.privacy.ledger import FEDERATION
 from strategies import build_strategy, central_noise_multiplier, clients_per_round
 
 log = logging.getLogger(__name__)
 
-#: Seconds the server waits for a round's replies before counting a hospital as failed.
-ROUND_TIMEOUT = 3600.0
+#: Where the simulated hospitals keep their own privacy state ("their own disks").
+HOSPITAL_STATE_DIR = "hospitals"
 
 
 def run_experiment(
@@ -79,18 +80,24 @@ def run_experiment(
         check_budget_allows_one_round(settings, table)
 
     run = RunDirectory(run_dir)
+    checkpoint = resume_point(settings, run)
     run.write_json("partition.json", table)
     run.plot_partition(table)
     on_partition(table)
-    ledger = PrivacyLedger(delta=settings.privacy.delta if settings.privacy.delta is not None else 0.0)
-    trainer = HospitalTrainer(settings)
+    if checkpoint is not None:
+        ledger = PrivacyLedger.from_dict(checkpoint.ledger)
+        run.rewrite_metrics(checkpoint.lines)  # drop a line the kill left without a checkpoint
+    else:
+        ledger = PrivacyLedger(delta=settings.privacy.delta if settings.privacy.delta is not None else 0.0)
+    trainer = HospitalTrainer(settings, str(run.path / HOSPITAL_STATE_DIR))
     result: dict = {}
 
     def server_main(federation) -> None:
-        result["lines"], result["weights"] = run_rounds(federation, settings, splits, run, ledger, on_round)
+        result["lines"], result["weights"] = run_rounds(federation, settings, splits, run, ledger, on_round, checkpoint)
 
+    timeout = settings.faults.client_timeout
     run_federation(
-        build_server_app(server_main, strategy, settings.num_clients, ROUND_TIMEOUT, settings.privacy.central),
+        build_server_app(server_main, strategy, settings.num_clients, timeout, settings.privacy.central),
         build_client_app(trainer, trainer.describe),
         settings.num_clients,
         settings.backend,
@@ -106,6 +113,29 @@ def run_experiment(
         summary["audit"] = run_audit(settings, result["weights"], splits, shards, summary["privacy"])
     run.write_json("summary.json", summary)
     return summary
+
+
+def resume_point(settings: RunSettings, run: RunDirectory) -> Checkpoint | None:
+    """The checkpoint a resumed run continues from (None: from round 1); a new run refuses a
+    directory that already holds a run, whose hospitals' privacy state it would inherit."""
+    held = (run.path / HOSPITAL_STATE_DIR).exists() or (run.path / "metrics.jsonl").exists()
+    if settings.resume is None:
+        if held:
+            raise FedprivError(f"{run.path} already holds a run; continue it with resume={run.path} or use a new directory")
+        return None
+    if (run.path / "summary.json").exists():
+        raise FedprivError(f"resume={settings.resume}: that run already finished (summary.json exists)")
+    checkpoint = Checkpoint.load(run.path)
+    if checkpoint is not None:
+        ours = run_settings_dict(settings)
+        differing = [k for k in ours if ours[k] != checkpoint.settings.get(k)]
+        if differing:
+            raise FedprivError(
+                f"resume={settings.resume}: the config differs from the run being resumed in {differing[0]!r}; "
+                "resume with the run's own config"
+            )
+        log.info("resuming %s after round %d", run.path, checkpoint.round)
+    return checkpoint
 
 
 def run_audit(settings: RunSettings, weights: dict, splits, shards, privacy: dict) -> dict:

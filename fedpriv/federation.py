@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,12 +29,10 @@ from fedpriv.settings import BackendSettings
 log = logging.getLogger(__name__)
 
 StateDict = dict[str, torch.Tensor]
-#: (hospital, global weights, round config, hospital's saved state) →
-#: (new weights, metrics, new saved state). Saved state persists across rounds (context.state).
-HospitalTrain = Callable[[int, StateDict, dict, dict], tuple[StateDict, dict, dict]]
-#: hospital → facts it shares about itself (counts only).
+#: (hospital, global weights, round config) → (new weights, metrics).
+HospitalTrain = Callable[[int, StateDict, dict], tuple[StateDict, dict]]
+#: hospital → facts it shares about itself (counts and its privacy history, never records).
 HospitalDescribe = Callable[[int], dict]
-_STATE_KEY = "fedpriv"
 
 
 def build_client_app(train: HospitalTrain, describe: HospitalDescribe) -> ClientApp:
@@ -43,11 +42,7 @@ def build_client_app(train: HospitalTrain, describe: HospitalDescribe) -> Client
     @app.train()
     def _train(msg: Message, context: Context) -> Message:
         hospital = int(context.node_config["partition-id"])
-        saved = dict(context.state.config_records.get(_STATE_KEY, ConfigRecord()))
-        weights, metrics, saved = train(
-            hospital, msg.content["arrays"].to_torch_state_dict(), dict(msg.content["config"]), saved
-        )
-        context.state[_STATE_KEY] = ConfigRecord(saved)
+        weights, metrics = train(hospital, msg.content["arrays"].to_torch_state_dict(), dict(msg.content["config"]))
         content = RecordDict({"arrays": ArrayRecord(weights), "metrics": MetricRecord(metrics)})
         return Message(content, reply_to=msg)
 
@@ -85,6 +80,8 @@ class Federation:
     def describe_hospitals(self) -> dict[int, dict]:
         """Ask every node which hospital it is and what it holds (counts, never records)."""
         nodes, _ = sample_nodes(self.grid, self.num_hospitals, self.num_hospitals)  # waits for all
+        if self.hospital_of_node:  # known nodes: ask them in hospital order
+            nodes = sorted(nodes, key=lambda n: self.hospital_of_node.get(n, n))
         messages = [Message(RecordDict(), message_type=MessageType.QUERY, dst_node_id=n) for n in nodes]
         facts = {}
         for reply in self.grid.send_and_receive(messages, timeout=self.timeout):
@@ -96,9 +93,15 @@ class Federation:
             facts[hospital] = metrics
         return dict(sorted(facts.items()))
 
-    def train_round(self, server_round: int, weights: StateDict, config: dict) -> RoundOutcome:
-        """Send the global weights to the sampled hospitals, collect replies, aggregate."""
-        messages = self.strategy.configure_train(server_round, ArrayRecord(weights), ConfigRecord(config), self.grid)
+    def train_round(self, server_round: int, weights: StateDict, config: dict, seed: int) -> RoundOutcome:
+        """Send the global weights to the sampled hospitals, collect replies, aggregate.
+
+        Flower samples nodes with Python's `random`; seeding it per round and listing nodes
+        in hospital order makes the sample depend on the seed alone, not on node ids.
+        """
+        random.seed(seed)
+        ordered = HospitalOrderedGrid(self.grid, self.hospital_of_node)
+        messages = self.strategy.configure_train(server_round, ArrayRecord(weights), ConfigRecord(config), ordered)
         replies = list(self.grid.send_and_receive(messages, timeout=self.timeout))
         outcome = RoundOutcome()
         good = []
@@ -116,6 +119,19 @@ class Federation:
             arrays, _ = self.strategy.aggregate_train(server_round, good)
             outcome.weights = arrays.to_torch_state_dict() if arrays is not None else None
         return outcome
+
+
+class HospitalOrderedGrid:
+    """The simulation's grid, listing node ids in hospital order (for seeded sampling)."""
+
+    def __init__(self, grid: Grid, hospital_of_node: dict[int, int]) -> None:
+        self._grid, self._hospital_of_node = grid, hospital_of_node
+
+    def get_node_ids(self):
+        return sorted(self._grid.get_node_ids(), key=lambda n: self._hospital_of_node.get(n, n))
+
+    def __getattr__(self, name: str):
+        return getattr(self._grid, name)
 
 
 def short_reason(reason: str) -> str:

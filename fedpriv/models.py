@@ -150,22 +150,26 @@ def make_opacus_compatible(model: nn.Module) -> nn.Module:
     return model
 
 
-def _conv3d_gn(in_ch: int, out_ch: int) -> nn.Sequential:
+def _conv3d_gn(in_ch: int, out_ch: int, stride: int = 1) -> nn.Sequential:
     return nn.Sequential(
-        nn.Conv3d(in_ch, out_ch, 3, 1, 1, bias=False), nn.GroupNorm(max(1, min(8, out_ch // 4)), out_ch), nn.GELU()
+        nn.Conv3d(in_ch, out_ch, 3, stride, 1, bias=False),
+        nn.GroupNorm(max(1, min(8, out_ch // 4)), out_ch),
+        nn.GELU(),
     )
 
 
 class SmallGroupNormCNN3d(nn.Module):
-    """3×3×3 conv stages (8/16/32/64) with GroupNorm, max-pooled between, averaged to a logit.
+    """Stride-2 3×3×3 stem (8), then 3×3×3 conv stages (16/32/64) max-pooled between, averaged to a logit.
 
-    For CT volumes (N×C×D×H×W): ~73k parameters, every layer one Opacus has a grad sampler for.
+    For CT volumes (N×C×D×H×W, edges ≥ 8): ~73k parameters, GroupNorm instead of
+    BatchNorm, and only layers Opacus has per-sample grad samplers for (Conv3d, GroupNorm, Linear).
+    The strided stem spares full-resolution feature maps, the main cost on a CPU.
     """
 
     def __init__(self, in_chans: int = 1, num_classes: int = 1, widths=(8, 16, 32, 64), **_):
         super().__init__()
-        layers, width = [], in_chans
-        for stage, out in enumerate(widths):
+        layers, width = [_conv3d_gn(in_chans, widths[0], stride=2)], widths[0]
+        for stage, out in enumerate(widths[1:]):
             layers += ([nn.MaxPool3d(2)] if stage else []) + [_conv3d_gn(width, out)]
             width = out
         self.features = nn.Sequential(*layers)

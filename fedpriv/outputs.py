@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -44,6 +45,12 @@ class RunDirectory:
     def append_metrics(self, line: dict) -> None:
         with open(self.path / "metrics.jsonl", "a") as handle:
             handle.write(json.dumps(_clean(line)) + "\n")
+
+    def rewrite_metrics(self, lines: list[dict]) -> None:
+        """metrics.jsonl with exactly these lines (a resumed run continues from them)."""
+        temporary = self.path / "metrics.jsonl.tmp"
+        temporary.write_text("".join(json.dumps(_clean(line)) + "\n" for line in lines))
+        os.replace(temporary, self.path / "metrics.jsonl")
 
     def save_weights(self, weights: dict[str, torch.Tensor]) -> None:
         torch.save(weights, self.path / "model.pt")

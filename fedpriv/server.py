@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
+import pickle
 import time
 from collections.abc import Callable
 
 import numpy as np
 import torch
 
+from fedpriv.checkpoint import Checkpoint
+from fedpriv.client import round_seed
 from fedpriv.data.records import SplitData
 from fedpriv.errors import FedprivError
 from fedpriv.federation import Federation
 from fedpriv.metrics import auroc, binary_metrics, bootstrap_interval, fairness_report, subgroup_labels
 from fedpriv.models import build_model
 from fedpriv.outputs import RunDirectory
+from fedpriv.privacy.hospital_state import history_from_metrics
 from fedpriv.privacy.ledger import PrivacyLedger
 from fedpriv.settings import RunSettings
 from fedpriv.training import predict
@@ -82,21 +87,29 @@ def run_rounds(
     run: RunDirectory,
     ledger: PrivacyLedger,
     on_round: Callable[[dict], None],
+    resume_from: Checkpoint | None = None,
 ) -> tuple[list[dict], dict[str, torch.Tensor]]:
-    """All rounds; returns the metrics lines (also appended to metrics.jsonl as they come)
-    and the final global weights."""
+    """All rounds (after `resume_from`'s, when given); returns the metrics lines (also
+    appended to metrics.jsonl as they come) and the final global weights. A checkpoint is
+    written after every round."""
     np.random.seed(settings.seed)  # Flower's central-DP wrappers draw noise from numpy's global RNG
-    hospitals = list(federation.describe_hospitals())
-    weights = initial_weights(settings)
+    weights, lines, first_round = initial_weights(settings), [], 1
+    if resume_from is not None:
+        weights, lines, first_round = resume_from.weights, list(resume_from.lines), resume_from.round + 1
+        federation.strategy = pickle.loads(resume_from.strategy)
+        resume_from.restore_rngs()
+    hospitals = _sync_ledger(ledger, settings, federation.describe_hospitals())
     central_sigma = central_noise_multiplier(settings) if settings.privacy.central else None
-    lines = []
-    for server_round in range(1, settings.rounds + 1):
+    for server_round in range(first_round, settings.rounds + 1):
         started = time.perf_counter()
-        outcome = federation.train_round(server_round, weights, {"rounds": settings.rounds})
+        seed = round_seed(settings.seed, server_round, -1)
+        outcome = federation.train_round(server_round, weights, {"rounds": settings.rounds}, seed)
         for hospital, reason in outcome.failed.items():
             log.warning("round %d: hospital %s failed: %s", server_round, hospital, reason)
         for hospital in outcome.exhausted:
             log.warning("round %d: hospital %s declined: its privacy budget would be exceeded", server_round, hospital)
+        if settings.privacy.local:  # spent by every hospital that trained, released or not
+            _sync_ledger(ledger, settings, {**outcome.trained, **outcome.exhausted})
         if outcome.exhausted and not outcome.trained and not outcome.failed:
             if not lines:
                 raise FedprivError(
@@ -105,11 +118,14 @@ def run_rounds(
                 )
             log.warning("round %d: no hospital can train within its privacy budget; the run ends", server_round)
             break
-        if not outcome.trained:
+        if len(outcome.trained) < settings.faults.min_replies:
             reasons = "; ".join(f"hospital {h}: {r}" for h, r in outcome.failed.items()) or "no replies"
-            raise FedprivError(f"round {server_round}: no hospital trained successfully ({reasons})")
-        if settings.privacy.local:  # spent by every hospital that trained, released or not
-            _account(ledger, server_round, outcome.trained)
+            _sync_ledger(ledger, settings, federation.describe_hospitals())  # spent before failing
+            ledger.save(run.path / "ledger.json", hospitals)
+            raise FedprivError(
+                f"round {server_round}: {len(outcome.trained)} hospital(s) trained, fewer than "
+                f"faults.min_replies={settings.faults.min_replies} ({reasons})"
+            )
         released = outcome.weights is not None
         if released:
             weights = outcome.weights
@@ -137,20 +153,33 @@ def run_rounds(
         run.append_metrics(line)
         on_round(line)
         lines.append(line)
+        Checkpoint.capture(
+            server_round, weights, lines, ledger.to_dict(hospitals), federation.strategy, run_settings_dict(settings)
+        ).save(run.path)
+    # Hospitals that trained and then failed have spent privacy the server never heard of.
+    _sync_ledger(ledger, settings, federation.describe_hospitals())
     run.save_weights(weights)
     ledger.save(run.path / "ledger.json", hospitals)
     return lines, weights
 
 
-def _account(ledger: PrivacyLedger, server_round: int, trained: dict[int, dict]) -> None:
-    """Record each hospital's mechanism; its own accountant must agree with the ledger."""
-    for hospital, m in sorted(trained.items()):
-        ledger.record(hospital, server_round, m["noise_multiplier"], m["sample_rate"], int(m["steps"]))
-        if not math.isclose(ledger.epsilon(hospital), m["epsilon"], rel_tol=1e-6, abs_tol=1e-9):
-            raise FedprivError(
-                f"hospital {hospital} reports ε={m['epsilon']:.6f} but the ledger computes "
-                f"{ledger.epsilon(hospital):.6f}; its privacy state was lost — do not trust this run"
-            )
+def run_settings_dict(settings: RunSettings) -> dict:
+    """The settings a resumed run must share with the run it continues."""
+    return {k: v for k, v in dataclasses.asdict(settings).items() if k != "resume"}
+
+
+def _sync_ledger(ledger: PrivacyLedger, settings: RunSettings, reports: dict[int, dict]) -> list[int]:
+    """Take each hospital's own record of its DP-SGD sessions into the ledger; return the
+    hospitals that reported."""
+    if settings.privacy.local:
+        for hospital, report in sorted(reports.items()):
+            ledger.sync_hospital(hospital, history_from_metrics(report))
+            if "epsilon" in report and not math.isclose(ledger.epsilon(hospital), report["epsilon"], rel_tol=1e-6, abs_tol=1e-9):
+                raise FedprivError(
+                    f"hospital {hospital} reports ε={report['epsilon']:.6f} but the ledger computes "
+                    f"{ledger.epsilon(hospital):.6f}; do not trust this run"
+                )
+    return sorted(reports)
 
 
 def _weighted_mean(trained: dict[int, dict], key: str) -> float:

@@ -205,6 +205,19 @@ AUDITS = ("none", "mia")
 
 
 @dataclass(frozen=True)
+class FaultSettings:
+    """Hospitals that fail: `client_timeout` is how long the server waits for a round's
+    replies; `min_replies` the fewest hospitals whose update a round needs (fewer: the run
+    stops with the cause). `client_failure_rate` / `client_hang_rate` inject hospitals that
+    crash, or hang past the timeout, after training (seeded per round and hospital)."""
+
+    client_timeout: float
+    min_replies: int
+    client_failure_rate: float = 0.0
+    client_hang_rate: float = 0.0
+
+
+@dataclass(frozen=True)
 class BackendSettings:
     """Flower simulation backend (Ray): resources per client and `ray.init` arguments."""
 
@@ -226,7 +239,9 @@ class RunSettings:
     training: TrainingSettings
     evaluation: EvaluationSettings
     audit: AuditSettings
+    faults: FaultSettings
     backend: BackendSettings
+    resume: str | None = None  # a run directory to continue from its last checkpoint
 
 
 PRIVACY_MODES = ("none", "local", "central", "local_central")
@@ -257,6 +272,8 @@ def settings_from_config(cfg: DictConfig) -> RunSettings:
         training=_build(TrainingSettings, raw["training"], "training"),
         evaluation=_build(EvaluationSettings, raw["evaluation"], "evaluation"),
         audit=_build(AuditSettings, raw["audit"], "audit"),
+        faults=_build(FaultSettings, raw["faults"], "faults"),
+        resume=_optional_str(raw, "resume"),
         backend=_build(BackendSettings, raw["backend"], "backend"),
     )
     validate(settings)
@@ -349,6 +366,12 @@ def validate(s: RunSettings) -> None:
     if s.audit.name == "mia":
         c = s.audit.confidence
         _require(c is not None and 0 < c < 1, f"audit.confidence={c} must be strictly between 0 and 1")
+    f = s.faults
+    _require(f.client_timeout > 0, f"faults.client_timeout={f.client_timeout} must be > 0 seconds")
+    _require(1 <= f.min_replies <= s.num_clients, f"faults.min_replies={f.min_replies} must be between 1 and num_clients={s.num_clients}")
+    for key, rate in (("client_failure_rate", f.client_failure_rate), ("client_hang_rate", f.client_hang_rate)):
+        _require(0 <= rate <= 1, f"faults.{key}={rate} must be a probability in [0, 1]")
+    _require(f.client_failure_rate + f.client_hang_rate <= 1, "faults.client_failure_rate + faults.client_hang_rate must be at most 1")
     _require(s.evaluation.bootstrap >= 0, f"evaluation.bootstrap={s.evaluation.bootstrap} must be >= 0")
     _require(s.data.image_size >= 16, f"data.image_size={s.data.image_size} must be at least 16")
     d = s.data
@@ -399,6 +422,13 @@ def _typed(raw: dict, key: str, kind: type) -> Any:
     value = raw.get(key)
     if not isinstance(value, kind) or isinstance(value, bool):
         raise FedprivError(f"{key}={value!r} must be of type {kind.__name__}")
+    return value
+
+
+def _optional_str(raw: dict, key: str) -> str | None:
+    value = raw.get(key)
+    if value is not None and not isinstance(value, str):
+        raise FedprivError(f"{key}={value!r} must be a path (or null)")
     return value
 
 

@@ -59,6 +59,23 @@ def summary_table(summary: dict, run_dir: Path) -> Table:
     return table
 
 
+def resumed_config(cfg: DictConfig) -> DictConfig:
+    """`resume=DIR` continues that run with its own config (DIR/.hydra/config.yaml)."""
+    from omegaconf import OmegaConf
+
+    from fedpriv.errors import FedprivError
+
+    saved = Path(cfg.resume) / ".hydra" / "config.yaml"
+    if not saved.is_file():
+        raise FedprivError(f"resume={cfg.resume}: no run config at {saved}; point resume at a run directory")
+    others = [o for o in HydraConfig.get().overrides.task if not o.startswith(("resume=", "hydra."))]
+    if others:
+        raise FedprivError(f"resume continues a run with its own config; drop the other overrides ({others[0]})")
+    original = OmegaConf.load(saved)
+    original.resume = cfg.resume
+    return original
+
+
 @hydra.main(config_path="../configs", config_name="simulate", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     from fedpriv.experiment import run_experiment
@@ -67,6 +84,8 @@ def main(cfg: DictConfig) -> None:
     logging.getLogger("flwr").setLevel(logging.WARNING)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
+        if cfg.get("resume"):
+            cfg, run_dir = resumed_config(cfg), Path(cfg.resume)
         settings = settings_from_config(cfg)
         with Progress(
             TextColumn("[bold]round {task.completed}/{task.total}"),

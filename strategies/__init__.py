@@ -6,6 +6,7 @@ evaluation (hospitals do not evaluate) and waits for the whole federation to con
 
 from __future__ import annotations
 
+from flwr.app import MetricRecord
 from flwr.serverapp.strategy import (
     DifferentialPrivacyServerSideAdaptiveClipping,
     DifferentialPrivacyServerSideFixedClipping,
@@ -41,7 +42,14 @@ def _sampling(settings: StrategySettings, num_clients: int, weighted_by: str) ->
         "min_evaluate_nodes": 0,
         "min_available_nodes": settings.min_available_clients or num_clients,
         "weighted_by_key": weighted_by,
+        "train_metrics_aggr_fn": no_metrics_aggregation,
     }
+
+
+def no_metrics_aggregation(records: list, weighting_key: str) -> MetricRecord:
+    """fedpriv reads each hospital's metrics itself (privacy histories are per-hospital lists,
+    which Flower's weighted averaging cannot combine)."""
+    return MetricRecord()
 
 
 def fedavg(settings: StrategySettings, sampling: dict) -> Strategy:

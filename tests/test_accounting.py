@@ -5,6 +5,7 @@ import pytest
 from dp_accounting import rdp
 from opacus.accountants import RDPAccountant
 
+from fedpriv.errors import FedprivError
 from fedpriv.privacy.accounting import calibrate_noise_multiplier, epsilon_spent, poisson_plan
 from fedpriv.privacy.ledger import PrivacyLedger
 
@@ -51,10 +52,10 @@ def test_smaller_epsilon_needs_more_noise():
 
 def test_ledger_is_cumulative_per_hospital_and_never_resets():
     ledger = PrivacyLedger(delta=1e-5)
-    ledger.record(0, 1, 1.0, 0.25, 8)
+    ledger.sync_hospital(0, [(1, 1.0, 0.25, 8)])
     first = ledger.epsilon(0)
-    ledger.record(1, 1, 1.0, 0.25, 8)
-    ledger.record(0, 2, 1.0, 0.25, 8)
+    ledger.sync_hospital(1, [(1, 1.0, 0.25, 8)])
+    ledger.sync_hospital(0, [(1, 1.0, 0.25, 8), (2, 1.0, 0.25, 8)])
     assert ledger.epsilon(0) > first
     assert ledger.epsilon(0) == pytest.approx(epsilon_spent([(1.0, 0.25, 16)], 1e-5))
     assert ledger.epsilon(1) == pytest.approx(first)
@@ -62,6 +63,16 @@ def test_ledger_is_cumulative_per_hospital_and_never_resets():
     assert ledger.epsilon(0, through_round=1) == pytest.approx(first)  # any past round
     payload = ledger.to_dict([0, 1, 2])
     assert len(payload["entries"]) == 3 and payload["epsilon"]["2"] == 0.0
+    assert PrivacyLedger.from_dict(payload).entries == ledger.entries
+
+
+def test_ledger_refuses_a_hospital_record_that_forgot_a_session():
+    ledger = PrivacyLedger(delta=1e-5)
+    ledger.sync_hospital(0, [(1, 1.0, 0.25, 8), (2, 1.0, 0.25, 8)])
+    with pytest.raises(FedprivError, match="round 2 that the ledger holds"):
+        ledger.sync_hospital(0, [(1, 1.0, 0.25, 8)])  # a reset accountant, a lost state file
+    with pytest.raises(FedprivError, match="round 1"):
+        ledger.sync_hospital(0, [(1, 2.0, 0.25, 8), (2, 1.0, 0.25, 8)])  # history rewritten
 
 
 @pytest.mark.parametrize("target, rounds", [(1.0, 10), (8.0, 5), (3.0, 50)])

@@ -94,9 +94,9 @@ def test_central_baseline_is_one_hospital_with_all_training_data_and_equals_loca
     assert len(lines) == 2 and lines[-1]["epsilon"] is None and lines[-1]["hospitals_trained"] == [0]
 
     # FedAvg over one hospital is plain local training: redo both rounds in this process.
-    trainer, weights, saved = HospitalTrainer(settings), initial_weights(settings), {}
+    trainer, weights = HospitalTrainer(settings, str(tmp_path / "replay")), initial_weights(settings)
     for server_round in (1, 2):
-        weights, _, saved = trainer(0, weights, {"server-round": server_round}, saved)
+        weights, _ = trainer(0, weights, {"server-round": server_round})
     federated = torch.load(tmp_path / "model.pt")
     for name, tensor in weights.items():
         assert torch.allclose(federated[name], tensor, atol=1e-5), name

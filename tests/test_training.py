@@ -11,19 +11,33 @@ def _distance(a, b):
     return sum(float((a[k] - b[k]).norm() ** 2) for k in a) ** 0.5
 
 
-def test_same_seed_same_round_gives_identical_weights_and_epsilon():
+def test_same_seed_same_round_gives_identical_weights_and_epsilon(tmp_path):
     settings = make_settings(TINY)
     start = initial_weights(settings)
-    first = HospitalTrainer(settings)(1, start, {"server-round": 1}, {})
-    second = HospitalTrainer(settings)(1, start, {"server-round": 1}, {})
+    first = HospitalTrainer(settings, str(tmp_path / "a"))(1, start, {"server-round": 1})
+    second = HospitalTrainer(settings, str(tmp_path / "b"))(1, start, {"server-round": 1})
     assert all(torch.equal(first[0][k], second[0][k]) for k in start)
-    assert first[1]["epsilon"] == second[1]["epsilon"] and first[2] == second[2]
+    assert first[1]["epsilon"] == second[1]["epsilon"] and first[1]["history_steps"] == second[1]["history_steps"]
 
 
-def test_proximal_pull_keeps_local_weights_near_the_global_model():
+def test_replaying_a_round_identically_costs_nothing_more_and_a_new_round_does(tmp_path):
+    """A resumed run replays the interrupted round: same inputs, same seed, same release."""
+    settings = make_settings([*TINY, "privacy.budget_epsilon=100"])  # a third session fits
+    trainer, start = HospitalTrainer(settings, str(tmp_path)), initial_weights(settings)
+    weights, first = trainer(0, start, {"server-round": 1})
+    replayed, again = trainer(0, start, {"server-round": 1})
+    assert all(torch.equal(weights[k], replayed[k]) for k in start)
+    assert again["epsilon"] == first["epsilon"] and again["history_round"] == [1]
+    _, second = trainer(0, weights, {"server-round": 2})
+    assert second["epsilon"] > first["epsilon"] and second["history_round"] == [1, 2]
+    _, changed = trainer(0, weights, {"server-round": 1})  # round 1 again, other inputs: new spending
+    assert changed["history_round"] == [1, 2, 1] and changed["epsilon"] > second["epsilon"]
+
+
+def test_proximal_pull_keeps_local_weights_near_the_global_model(tmp_path):
     settings = make_settings([*TINY, "privacy=none", "training.lr=0.01"])
     start = initial_weights(settings)
-    trainer = HospitalTrainer(settings)
-    free, _, _ = trainer(0, start, {"server-round": 1}, {})
-    pulled, _, _ = trainer(0, start, {"server-round": 1, "proximal-mu": 50.0}, {})
+    trainer = HospitalTrainer(settings, str(tmp_path))
+    free, _ = trainer(0, start, {"server-round": 1})
+    pulled, _ = trainer(0, start, {"server-round": 1, "proximal-mu": 50.0})
     assert _distance(pulled, start) < 0.8 * _distance(free, start)

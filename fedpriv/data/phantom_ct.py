@@ -21,8 +21,8 @@ from fedpriv.data.records import MALIGNANT, ImageRecords
 _FAT, _FLUID, _SOFT, _PANCREAS, _AORTA, _BONE = 0.16, 0.42, 0.52, 0.68, 0.86, 1.0
 #: Volumes rendered per chunk; a constant, since the random draws follow the chunking.
 _CHUNK = 16
-#: Bounds of the lesion's radius (normalised units), radial wobble and margin (voxels): its box.
-_MAX_LESION_RADIUS, _MAX_WOBBLE, _MAX_MARGIN = 0.52, 0.5, 2.5
+#: Satellite spheres per lesion (lobulation).
+_LOBES = 4
 
 
 @dataclass(frozen=True)
@@ -67,14 +67,16 @@ def generate_phantom_ct(spec: PhantomCTSpec, seed: int) -> ImageRecords:
 
     # Lesion: on the pancreas axis; size, lobulation, margin, hypodensity, necrosis follow the look.
     lesion_x = rng.uniform(-0.3, 0.3, n)
-    lesion_radius = np.clip(rng.uniform(0.3, 0.44, n) + 0.05 * look, 0.22, _MAX_LESION_RADIUS)
-    n_lobes = 6
-    lobe_dirs = rng.standard_normal((n, n_lobes, 3))
+    lesion_radius = np.clip(rng.uniform(0.3, 0.44, n) + 0.05 * look, 0.22, 0.52)
+    # Lobulation: satellite spheres centred near the main sphere's surface, hidden inside it for a
+    # benign look and bulging out of it for a malignant one; plus a margin made irregular by noise.
+    lobe_dirs = rng.standard_normal((n, _LOBES, 3))
     lobe_dirs /= np.linalg.norm(lobe_dirs, axis=2, keepdims=True)
-    lobe_freq = rng.integers(2, 6, (n, n_lobes)) * np.pi
-    lobe_phase = rng.uniform(0, 2 * np.pi, (n, n_lobes))
-    lobe_amp = rng.normal(0.0, 1.0, (n, n_lobes)) * np.clip(0.02 + 0.12 * look, 0.0, None)[:, None]
-    margin = np.clip(0.6 + 2.0 * look + rng.normal(0, 0.4, n), 0.5, _MAX_MARGIN) * voxel
+    lobe_offset = lobe_dirs * (lesion_radius[:, None] * rng.uniform(0.55, 0.95, (n, _LOBES)))[:, :, None]
+    lobe_growth = np.clip(0.1 + 0.5 * look, 0.0, 0.75)[:, None] * rng.uniform(0.6, 1.0, (n, _LOBES))
+    lobe_radius = lesion_radius[:, None] * lobe_growth
+    irregularity = np.clip(0.05 * look + rng.normal(0, 0.01, n), 0.0, 0.1)
+    margin = np.clip(0.6 + 2.0 * look + rng.normal(0, 0.4, n), 0.5, 2.5) * voxel
     # Benign lesions enhance more than the pancreas (like a neuroendocrine tumour), malignant less.
     hypodensity = np.clip(-0.08 + 0.2 * look + rng.normal(0, 0.03, n), -0.15, 0.35)
     necrosis = np.clip(0.15 * pos_look + rng.normal(0, 0.03, n), 0.0, 0.3)
@@ -100,8 +102,8 @@ def generate_phantom_ct(spec: PhantomCTSpec, seed: int) -> ImageRecords:
     patients = dict(
         sites=sites, body_a=body_a, body_b=body_b, spine=spine, aorta=aorta, head_x=head_x, tail_x=tail_x,
         pan_y=pan_y, pan_bend=pan_bend, pan_tilt=pan_tilt, pan_z=pan_z, pan_zslope=pan_zslope,
-        pan_radius=pan_radius, t_lesion=t_lesion, duct_radius=duct_radius, lesion_centre=lesion_centre, lesion_radius=lesion_radius, lobe_dirs=lobe_dirs,
-        lobe_freq=lobe_freq, lobe_phase=lobe_phase, lobe_amp=lobe_amp, margin=margin,
+        pan_radius=pan_radius, t_lesion=t_lesion, duct_radius=duct_radius, lesion_centre=lesion_centre, lesion_radius=lesion_radius, lobe_offset=lobe_offset,
+        lobe_radius=lobe_radius, irregularity=irregularity, margin=margin,
         hypodensity=hypodensity, necrosis=necrosis, speckle=speckle,
     )
 
@@ -133,9 +135,10 @@ def _render(p: dict[str, np.ndarray], site: dict[str, np.ndarray], size: int, rn
     def col(a):  # per-volume scalars, broadcast against (n, D, H, W)
         return np.asarray(a, dtype=f32).reshape(-1, 1, 1, 1)
 
-    # Two smooth random fields per volume: bowel/fat texture (coarse) and necrotic speckle (fine).
-    fine = _unit(gaussian_filter(rng.standard_normal((n, size, size, size), dtype=f32), (0, 0.7, 0.7, 0.7), truncate=3))
-    coarse = _unit(gaussian_filter(fine, (0, 1.5, 1.5, 1.5), truncate=3))
+    # Two random fields per volume: white speckle (the scanner blur below correlates it a little)
+    # and a smooth field for bowel loops and necrotic patches.
+    fine = rng.standard_normal((n, size, size, size), dtype=f32)
+    coarse = _unit(gaussian_filter(fine, (0, 1.6, 1.6, 1.6), truncate=3))
 
     # Body: air outside, fat inside, a viscera ellipse of bowel loops (soft tissue in fat).
     body_r = np.sqrt((x / col(p["body_a"])) ** 2 + (y / col(p["body_b"])) ** 2)  # (n, 1, H, W)
@@ -175,41 +178,48 @@ def _render(p: dict[str, np.ndarray], site: dict[str, np.ndarray], size: int, rn
 
 
 def _paint_lesions(images: np.ndarray, fine: np.ndarray, coarse: np.ndarray, p: dict[str, np.ndarray], c: np.ndarray) -> np.ndarray:
-    """Paint each volume's lesion, computed only in a box around it (the costliest part otherwise).
+    """Paint each volume's lesion, computed only in a box around the chunk's lesions.
 
-    Radial boundary r(u) = R (1 + Σ a_j cos(k_j u·v_j + φ_j)) over directions u, soft margin of
-    half-width `margin`; hypodense, with necrotic speckle in its core.
+    The lesion is a union of spheres (main + satellite lobes) whose surface noise displaces by
+    `irregularity`, with a soft margin of half-width `margin`; hypodense, necrotic in its core.
     """
     f32, size, n = np.float32, len(c), len(images)
     voxel = 2.0 / size
-    half = int(np.ceil((_MAX_LESION_RADIUS * (1 + _MAX_WOBBLE) + _MAX_MARGIN * voxel) / voxel))
+    radius, offset, lobe_radius = p["lesion_radius"], p["lobe_offset"], p["lobe_radius"]
+    reach = np.maximum(radius, (np.linalg.norm(offset, axis=2) + lobe_radius).max(axis=1))
+    reach += p["margin"] + 3 * p["irregularity"]
+    half = int(np.ceil(reach.max() / voxel)) + 1
     edge = min(2 * half + 1, size)
     centre = p["lesion_centre"]
     start = np.clip(np.round((centre + 1) / voxel - 0.5).astype(np.int64) - half, 0, size - edge)
     iz, iy, ix = (start[:, k, None] + np.arange(edge) for k in range(3))  # (n, edge) each
-    box = (np.arange(n)[:, None, None, None], iz[:, :, None, None], iy[:, None, :, None], ix[:, None, None, :])
+    boxes = [tuple(slice(a, a + edge) for a in corner) for corner in start]
+
+    def crop(volumes: np.ndarray) -> np.ndarray:  # (n, edge, edge, edge); slicing beats fancy indexing
+        return np.stack([volume[box] for volume, box in zip(volumes, boxes)])
 
     def col(a):
         return np.asarray(a, dtype=f32).reshape(-1, 1, 1, 1)
 
+    # Separable squared distances along each axis, (n, edge, 1, 1) etc., summed per sphere.
     dz = c[iz][:, :, None, None] - col(centre[:, 0])
     dy = c[iy][:, None, :, None] - col(centre[:, 1])
     dx = c[ix][:, None, None, :] - col(centre[:, 2])
-    rho = np.sqrt(dz**2 + dy**2 + dx**2) + f32(1e-6)
-    uz, uy, ux = dz / rho, dy / rho, dx / rho
-    wobble = np.zeros_like(rho)
-    for j in range(p["lobe_dirs"].shape[1]):
-        v = p["lobe_dirs"][:, j]
-        cos_angle = uz * col(v[:, 0]) + uy * col(v[:, 1]) + ux * col(v[:, 2])
-        wobble += col(p["lobe_amp"][:, j]) * np.cos(col(p["lobe_freq"][:, j]) * cos_angle + col(p["lobe_phase"][:, j]))
-    np.clip(wobble, -_MAX_WOBBLE, _MAX_WOBBLE, out=wobble)
-    radius, margin = col(p["lesion_radius"]), col(p["margin"])
-    mass = _soft_step(radius * (1 + wobble) - rho, margin)
-    core = _soft_step(0.7 * radius - rho, margin)
-    speckle = fine[box]
-    necrotic = _soft_step(coarse[box] - 0.3, 0.8) * core
-    lesion = _PANCREAS - col(p["hypodensity"]) - col(p["necrosis"]) * necrotic + col(p["speckle"]) * speckle
-    images[box] = _paint(images[box], mass, lesion)
+    rho = np.sqrt(dz**2 + dy**2 + dx**2)
+    distance = rho - col(radius)  # signed distance to the union of spheres (negative inside)
+    for j in range(offset.shape[1]):
+        o = offset[:, j]
+        lobe = np.sqrt((dz - col(o[:, 0])) ** 2 + (dy - col(o[:, 1])) ** 2 + (dx - col(o[:, 2])) ** 2)
+        np.minimum(distance, lobe - col(lobe_radius[:, j]), out=distance)
+    texture = crop(coarse)
+    distance += col(p["irregularity"]) * texture
+    margin = col(p["margin"])
+    mass = _soft_step(-distance, margin)
+    core = _soft_step(0.7 * col(radius) - rho, margin)
+    necrotic = _soft_step(texture - 0.3, 0.8) * core
+    lesion = _PANCREAS - col(p["hypodensity"]) - col(p["necrosis"]) * necrotic + col(p["speckle"]) * crop(fine)
+    for volume, box, painted in zip(images, boxes, _paint(crop(images), mass, lesion)):
+        volume[box] = painted
     return images
 
 
@@ -221,18 +231,14 @@ def _unit(field: np.ndarray) -> np.ndarray:
 
 
 def _soft_step(signed_distance, half_width) -> np.ndarray:
-    """Smooth step from 0 to 1 as the signed distance goes from -half_width to +half_width.
+    """Linear ramp from 0 to 1 as the signed distance goes from -half_width to +half_width.
 
-    Compact (exactly 0 or 1 outside the transition), and cheaper than a logistic.
+    Compact (exactly 0 or 1 outside the ramp) and cheaper than a logistic; the scanner blur
+    rounds its corners.
     """
-    s = (signed_distance * (0.5 / half_width)).astype(np.float32, copy=False)  # a new array, worked in place
-    s += 0.5
-    np.clip(s, 0.0, 1.0, out=s)
-    s_squared = s * s
-    s *= -2.0
-    s += 3.0
-    s *= s_squared
-    return s
+    step = (signed_distance * (0.5 / half_width)).astype(np.float32, copy=False)  # a new array
+    step += 0.5
+    return np.clip(step, 0.0, 1.0, out=step)
 
 
 def _paint(images: np.ndarray, weight: np.ndarray, value) -> np.ndarray:

@@ -7,6 +7,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from fedpriv.errors import FedprivError
 from fedpriv.privacy.accounting import History, epsilon_spent
 
 
@@ -34,8 +35,22 @@ class PrivacyLedger:
     delta: float
     entries: list[LedgerEntry] = field(default_factory=list)
 
-    def record(self, hospital: int, round: int, noise_multiplier: float, sample_rate: float, steps: int) -> None:
-        self.entries.append(LedgerEntry(hospital, round, "dp-sgd", noise_multiplier, sample_rate, steps))
+    def sync_hospital(self, hospital: int, sessions: list[tuple[int, float, float, int]]) -> None:
+        """Take a hospital's own record of its DP-SGD sessions (round, σ, q, steps).
+
+        The ledger only ever grows: every session it already holds for this hospital must be
+        in the hospital's record, else the hospital's privacy state was lost or rewritten.
+        """
+        reported = [LedgerEntry(hospital, r, "dp-sgd", s, q, n) for r, s, q, n in sessions]
+        known = [e for e in self.entries if e.hospital == hospital]
+        missing = [e for e in known if e not in reported]
+        if missing:
+            raise FedprivError(
+                f"hospital {hospital} no longer reports its DP-SGD session of round {missing[0].round} "
+                "that the ledger holds; its privacy state was lost — do not trust this run"
+            )
+        self.entries = [e for e in self.entries if e.hospital != hospital] + reported
+        self.entries.sort(key=lambda e: (e.round, e.hospital))
 
     def record_release(self, round: int, noise_multiplier: float, sample_rate: float) -> None:
         """One client-level release: the server's clipped, noised average of hospital updates."""
@@ -70,3 +85,7 @@ class PrivacyLedger:
 
     def save(self, path: Path, hospitals: list[int]) -> None:
         path.write_text(json.dumps(self.to_dict(hospitals), indent=2))
+
+    @classmethod
+    def from_dict(cls, payload: dict) -> PrivacyLedger:
+        return cls(payload["delta"], [LedgerEntry(**e) for e in payload["entries"]])
