@@ -244,6 +244,10 @@ def make_summary(
         "model": settings.model.name,
         "data": settings.data.name,
         "data_skipped": {"count": len(skipped), "items": list(skipped)},
+        "failures": {
+            "count": sum(len(line["hospitals_failed"]) for line in lines),
+            "rounds": {str(line["round"]): line["hospitals_failed"] for line in lines if line["hospitals_failed"]},
+        },
         "partition": table,
         "settings": dataclasses.asdict(settings),
         "wall_seconds": wall,

@@ -28,6 +28,9 @@ from fedpriv.settings import BackendSettings
 
 log = logging.getLogger(__name__)
 
+#: Seconds to wait for every hospital to answer a query (workers start up on the first one).
+DISCOVERY_TIMEOUT = 600.0
+
 StateDict = dict[str, torch.Tensor]
 #: (hospital, global weights, round config) → (new weights, metrics).
 HospitalTrain = Callable[[int, StateDict, dict], tuple[StateDict, dict]]
@@ -84,13 +87,19 @@ class Federation:
             nodes = sorted(nodes, key=lambda n: self.hospital_of_node.get(n, n))
         messages = [Message(RecordDict(), message_type=MessageType.QUERY, dst_node_id=n) for n in nodes]
         facts = {}
-        for reply in self.grid.send_and_receive(messages, timeout=self.timeout):
+        # Not the round timeout: the first query also waits for every worker to start up.
+        for reply in self.grid.send_and_receive(messages, timeout=max(self.timeout, DISCOVERY_TIMEOUT)):
             if reply.has_error():
                 raise FedprivError(f"a hospital could not load its data: {short_reason(reply.error.reason)}")
             metrics = dict(reply.content["metrics"])
             hospital = int(metrics.pop("hospital"))
             self.hospital_of_node[reply.metadata.src_node_id] = hospital
             facts[hospital] = metrics
+        if len(facts) < len(nodes):
+            raise FedprivError(
+                f"only {len(facts)} of {len(nodes)} hospitals answered within {max(self.timeout, DISCOVERY_TIMEOUT):g} s; "
+                "a hospital is hung or its worker died"
+            )
         return dict(sorted(facts.items()))
 
     def train_round(self, server_round: int, weights: StateDict, config: dict, seed: int) -> RoundOutcome:
@@ -104,6 +113,11 @@ class Federation:
         messages = self.strategy.configure_train(server_round, ArrayRecord(weights), ConfigRecord(config), ordered)
         replies = list(self.grid.send_and_receive(messages, timeout=self.timeout))
         outcome = RoundOutcome()
+        answered = {reply.metadata.src_node_id for reply in replies}
+        for message in messages:  # Flower drops what did not arrive in time: say so
+            if message.metadata.dst_node_id not in answered:
+                node = message.metadata.dst_node_id
+                outcome.failed[self.hospital_of_node.get(node, node)] = f"no reply within {self.timeout:g} s"
         good = []
         for reply in replies:
             hospital = self.hospital_of_node.get(reply.metadata.src_node_id, reply.metadata.src_node_id)

@@ -1,6 +1,8 @@
 """Phantom CT volumes are deterministic and well formed; the 3D CNN learns them (but does not solve
 them) and trains under Opacus with exact per-layer per-sample gradients."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import timm
@@ -15,8 +17,13 @@ from fedpriv.data.phantom_ct import PhantomCTSpec, generate_phantom_ct
 from fedpriv.data.records import MALIGNANT
 
 SPEC = PhantomCTSpec(
-    num_patients=60, volume_size=16, num_sites=3, malignant_fraction=0.45, class_separation=3.0, noise_level=1.0
+    num_patients=60, volume_size=16, num_sites=3, malignant_fraction=0.45, class_separation=3.0,
+    noise_level=1.0,
 )
+
+
+def _spec(**changes) -> PhantomCTSpec:
+    return dataclasses.replace(SPEC, **changes)
 
 
 def _cnn3d() -> torch.nn.Module:
@@ -41,12 +48,13 @@ def test_volumes_labels_and_metadata_are_well_formed():
     assert set(r.metadata) == {"site", "age", "sex"}
     assert all(len(column) == 60 for column in r.metadata.values())
     assert set(r.metadata["site"]) == {"site_0", "site_1", "site_2"}
-    assert r.metadata["age"].dtype == np.int64 and 30 <= r.metadata["age"].min() <= r.metadata["age"].max() <= 90
+    assert r.metadata["age"].dtype == np.int64
+    assert 30 <= r.metadata["age"].min() <= r.metadata["age"].max() <= 90
     assert set(r.metadata["sex"]) == {"F", "M"}
 
 
 def test_label_balance_follows_malignant_fraction_and_malignant_patients_are_older():
-    r = generate_phantom_ct(PhantomCTSpec(**{**SPEC.__dict__, "num_patients": 800, "volume_size": 8}), 1)
+    r = generate_phantom_ct(_spec(num_patients=800, volume_size=8), 1)
     assert abs(r.malignant_fraction - 0.45) < 0.05
     malignant = r.labels == MALIGNANT
     assert r.metadata["age"][malignant].mean() > r.metadata["age"][~malignant].mean() + 5
@@ -54,9 +62,23 @@ def test_label_balance_follows_malignant_fraction_and_malignant_patients_are_old
 
 def test_every_volume_size_keeps_the_anatomy_in_range():
     for size in (8, 24, 40):
-        r = generate_phantom_ct(PhantomCTSpec(**{**SPEC.__dict__, "num_patients": 5, "volume_size": size}), 2)
+        r = generate_phantom_ct(_spec(num_patients=5, volume_size=size), 2)
         assert r.images.shape == (5, 1, size, size, size)
         assert np.isfinite(r.images).all() and 0.0 <= r.images.min() and r.images.max() <= 1.0
+
+
+def test_noise_level_and_sites_change_the_volumes():
+    """Same seed, same anatomy: only the scanner noise scales; sites differ in gain, blur and noise."""
+    quiet, noisy = (generate_phantom_ct(_spec(num_patients=120, noise_level=level), 6) for level in (0.0, 2.0))
+    assert np.array_equal(quiet.labels, noisy.labels)
+
+    def roughness(records):
+        return np.abs(np.diff(records.images, axis=-1)).mean()
+
+    assert roughness(noisy) > 1.3 * roughness(quiet)
+    sites = noisy.metadata["site"]
+    site_means = [noisy.images[sites == s].mean() for s in np.unique(sites)]
+    assert max(site_means) / min(site_means) > 1.03
 
 
 @pytest.fixture
@@ -69,7 +91,7 @@ def one_thread():
 
 def test_3d_cnn_learns_the_phantom_but_does_not_solve_it(one_thread):
     """A few non-private epochs find the lesion cues; the classes overlap, so AUROC stays below 1."""
-    r = generate_phantom_ct(PhantomCTSpec(**{**SPEC.__dict__, "num_patients": 400, "volume_size": 32}), 3)
+    r = generate_phantom_ct(_spec(num_patients=400, volume_size=32), 3)
     x = (torch.from_numpy(r.images) - 0.5) / 0.5  # the scaling fedpriv's training uses
     y = torch.from_numpy(r.labels).float()
     torch.manual_seed(0)
@@ -87,7 +109,6 @@ def test_3d_cnn_learns_the_phantom_but_does_not_solve_it(one_thread):
     with torch.no_grad():
         scores = model(x[300:]).reshape(-1).numpy()
     auroc = roc_auc_score(r.labels[300:], scores)
-    print(f"AUROC {auroc:.3f}")
     assert 0.75 < auroc < 0.995, auroc
 
 

@@ -112,7 +112,7 @@ def fedpriv_test_only_in_this_process(pretrained=False, **kwargs):
 def test_round_with_no_successful_hospital_stops_the_run_with_the_cause(tmp_path):
     assert timm.is_model("fedpriv_test_only_in_this_process")
     settings = make_settings([*TINY, "model=cnn_small", "model.name=fedpriv_test_only_in_this_process"])
-    with pytest.raises(FedprivError, match=r"round 1: no hospital trained successfully.*fedpriv_test_only_in_this_process"):
+    with pytest.raises(FedprivError, match=r"round 1: 0 hospital\(s\) trained.*fedpriv_test_only_in_this_process"):
         run_experiment(settings, tmp_path)
     assert not (tmp_path / "summary.json").exists()
 
@@ -233,3 +233,36 @@ def test_membership_audit_finds_leakage_without_dp_and_none_beyond_epsilon_1(tmp
         assert audit["pooled"]["n_nonmembers"] == 180  # validation + test patients
     written = json.loads((tmp_path / "none" / "summary.json").read_text())["audit"]
     assert written["accounted_epsilon"] is None and written["pooled"] == leaky["pooled"]
+
+
+def test_injected_crashes_and_hangs_complete_rounds_and_keep_the_privacy_spent(tmp_path):
+    """Hospitals that train and then crash or hang: the round goes on with the rest, the
+    failures are logged and counted, and what they spent is in the ledger."""
+    settings = make_settings(
+        [*TINY, "num_clients=4", "rounds=2", "faults.client_failure_rate=0.25", "faults.client_hang_rate=0.15",
+         "faults.client_timeout=20", "backend.client_resources.num_cpus=0.5"]
+    )
+    summary = run_experiment(settings, tmp_path)
+    lines = read_lines(tmp_path)
+    failed = {(line["round"], int(h)): reason for line in lines for h, reason in line["hospitals_failed"].items()}
+    assert any("injected failure" in r for r in failed.values()), failed  # crashes (seeded: this seed has some)
+    assert any("injected" not in r for r in failed.values()), failed  # and timeouts
+    assert summary["failures"]["count"] == len(failed) and summary["rounds_completed"] == 2
+    for line in lines:
+        assert len(line["hospitals_trained"]) + len(line["hospitals_failed"]) == 4
+    ledger = json.loads((tmp_path / "ledger.json").read_text())
+    recorded = {(e["round"], e["hospital"]) for e in ledger["entries"]}
+    assert set(failed) <= recorded  # trained, then failed: spent all the same
+    for h in range(4):
+        own = json.loads((tmp_path / "hospitals" / f"hospital_{h}.json").read_text())["spent"]
+        assert [(s["round"], s["steps"]) for s in own] == [(e["round"], e["steps"]) for e in ledger["entries"] if e["hospital"] == h]
+        assert summary["privacy"]["hospitals"][str(h)]["epsilon"] == pytest.approx(ledger["epsilon"][str(h)])
+
+
+def test_too_few_replies_stop_the_run_with_the_cause_and_keep_the_ledger(tmp_path):
+    settings = make_settings([*TINY, "faults.client_failure_rate=1.0", "faults.min_replies=1"])
+    with pytest.raises(FedprivError, match=r"round 1: 0 hospital\(s\) trained, fewer than faults\.min_replies=1.*injected failure"):
+        run_experiment(settings, tmp_path)
+    ledger = json.loads((tmp_path / "ledger.json").read_text())
+    assert {e["hospital"] for e in ledger["entries"]} == {0, 1}  # both trained before crashing
+    assert not (tmp_path / "summary.json").exists()
