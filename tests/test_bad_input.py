@@ -85,3 +85,12 @@ def test_partition_leaving_a_hospital_one_class_is_refused_when_both_are_require
     with pytest.raises(FedprivError, match=r"leaves hospital \d+ with .*partition\.require_both_classes"):
         run_experiment(settings, tmp_path / "run")
     assert not (tmp_path / "run" / "summary.json").exists()
+
+
+def test_a_2d_model_on_ct_volumes_is_refused_before_any_work(tmp_path):
+    from fedpriv.experiment import run_experiment
+
+    settings = make_settings(["data=phantom_ct", "data.num_patients=40", "data.image_size=16"])
+    with pytest.raises(FedprivError, match=r"model\.name=fedpriv_vit_hybrid_tiny cannot take data=phantom_ct \(3D volumes"):
+        run_experiment(settings, tmp_path / "run")
+    assert not (tmp_path / "run").exists()

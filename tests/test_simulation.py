@@ -266,3 +266,15 @@ def test_too_few_replies_stop_the_run_with_the_cause_and_keep_the_ledger(tmp_pat
     ledger = json.loads((tmp_path / "ledger.json").read_text())
     assert {e["hospital"] for e in ledger["entries"]} == {0, 1}  # both trained before crashing
     assert not (tmp_path / "summary.json").exists()
+
+
+def test_ct_volumes_run_the_federated_dp_simulation_with_a_3d_model(tmp_path):
+    settings = make_settings(["data=phantom_ct", "model=cnn3d_small", "data.num_patients=80", "data.image_size=16",
+                              "rounds=2", "local_epochs=1", "training.batch_size=8", "num_clients=2",
+                              "evaluation.bootstrap=0", "privacy.target_epsilon=4"])
+    summary = run_experiment(settings, tmp_path)
+    assert summary["data"] == "phantom_ct" and summary["rounds_completed"] == 2
+    assert summary["privacy"]["max_epsilon"] == pytest.approx(4.0, rel=0.02)
+    assert set(summary["fairness"]) == {"site", "sex", "age", "hospital"}
+    weights = torch.load(tmp_path / "model.pt")
+    assert any(w.dim() == 5 for w in weights.values())  # Conv3d kernels: it really trained a 3D net
