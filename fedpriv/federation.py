@@ -129,6 +129,8 @@ class Federation:
                 outcome.trained[hospital] = dict(reply.content["metrics"])
                 good.append(reply)
         complete = len(good) == len(replies)
+        # Replies arrive in any order; float sums do not commute: aggregate in hospital order.
+        good.sort(key=lambda reply: self.hospital_of_node.get(reply.metadata.src_node_id, reply.metadata.src_node_id))
         if good and (complete or not self.all_or_nothing):
             arrays, _ = self.strategy.aggregate_train(server_round, good)
             outcome.weights = arrays.to_torch_state_dict() if arrays is not None else None

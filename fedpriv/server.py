@@ -183,5 +183,6 @@ def _sync_ledger(ledger: PrivacyLedger, settings: RunSettings, reports: dict[int
 
 
 def _weighted_mean(trained: dict[int, dict], key: str) -> float:
-    total = sum(m["num-examples"] for m in trained.values())
-    return sum(m[key] * m["num-examples"] for m in trained.values()) / total
+    reports = [trained[h] for h in sorted(trained)]  # a fixed order: float sums do not commute
+    total = sum(m["num-examples"] for m in reports)
+    return sum(m[key] * m["num-examples"] for m in reports) / total
