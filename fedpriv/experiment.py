@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from dataclasses import dataclass
 import math
 import time
 from collections.abc import Callable
@@ -14,7 +15,7 @@ import torch
 from fedpriv.audit import audit_federation
 from fedpriv.client import HospitalTrainer
 from fedpriv.data.partition import hospital_test_patients, partition_by_patient, partition_table
-from fedpriv.data.records import concat_records
+from fedpriv.data.records import SplitData, concat_records
 from fedpriv.data.sources import load_splits
 from fedpriv.errors import FedprivError
 from fedpriv.models import build_model
@@ -46,38 +47,8 @@ def run_experiment(
     """
     started = time.perf_counter()
     strategy = build_strategy(settings)
-    splits = load_splits(settings.data, settings.seed)
-    splits.check_disjoint_patients(f"data={settings.data.name}")
-    for name, _ in settings.data.fairness_attributes:
-        if name not in splits.test.metadata:
-            raise FedprivError(
-                f"data.fairness_attributes: {name!r} is not in the metadata of data={settings.data.name} "
-                f"(has: {sorted(splits.test.metadata)})"
-            )
-    check_model_fits_data(settings, splits.train.images[:1])
-    if splits.skipped:
-        log.warning("%d unreadable items were left out (data.skip_unreadable=true):\n%s", len(splits.skipped), "\n".join(splits.skipped))
-    shards = partition_by_patient(splits.train, settings.num_clients, settings.partition, settings.seed)
-    table = partition_table(splits.train, shards)
-    if settings.num_clients > 1:  # each hospital's own test patients, evaluated as a subgroup
-        hospitals = hospital_test_patients(splits.train, shards, splits.test, settings.partition, settings.seed)
-        test = dataclasses.replace(splits.test, metadata={**splits.test.metadata, "hospital": hospitals})
-        splits = dataclasses.replace(splits, test=test)
-        for row in table:
-            row["test_images"] = int((hospitals == f"h{row['hospital']}").sum())
-    for row in table:
-        if row["malignant"] == 0 or row["benign"] == 0:
-            if settings.partition.require_both_classes:
-                raise FedprivError(
-                    f"partition={settings.partition.name} leaves hospital {row['hospital']} with "
-                    f"{row['malignant']} malignant and {row['benign']} benign images, and "
-                    "partition.require_both_classes=true: lower num_clients, raise partition.alpha, "
-                    "or set partition.require_both_classes=false"
-                )
-            log.warning("hospital %d holds only one class (%s)", row["hospital"], row)
-    if settings.privacy.local:
-        warn_delta(settings, min(row["images"] for row in table))
-        check_budget_allows_one_round(settings, table)
+    plan = prepare(settings)
+    splits, shards, table = plan.splits, plan.shards, plan.table
 
     run = RunDirectory(run_dir)
     checkpoint = resume_point(settings, run)
@@ -113,6 +84,54 @@ def run_experiment(
         summary["audit"] = run_audit(settings, result["weights"], splits, shards, summary["privacy"])
     run.write_json("summary.json", summary)
     return summary
+
+
+@dataclass
+class Plan:
+    """What a run trains on, fixed before any training: splits (the test split carries each
+    hospital's own test patients), each hospital's rows, and the partition table."""
+
+    splits: SplitData
+    shards: list
+    table: list[dict]
+
+
+def prepare(settings: RunSettings) -> Plan:
+    """Load and check the data, partition it and check the privacy plan; all the work before
+    training, so that every bad setting or file stops here with one clear message."""
+    splits = load_splits(settings.data, settings.seed)
+    splits.check_disjoint_patients(f"data={settings.data.name}")
+    for name, _ in settings.data.fairness_attributes:
+        if name not in splits.test.metadata:
+            raise FedprivError(
+                f"data.fairness_attributes: {name!r} is not in the metadata of data={settings.data.name} "
+                f"(has: {sorted(splits.test.metadata)})"
+            )
+    check_model_fits_data(settings, splits.train.images[:1])
+    if splits.skipped:
+        log.warning("%d unreadable items were left out (data.skip_unreadable=true):\n%s", len(splits.skipped), "\n".join(splits.skipped))
+    shards = partition_by_patient(splits.train, settings.num_clients, settings.partition, settings.seed)
+    table = partition_table(splits.train, shards)
+    if settings.num_clients > 1:  # each hospital's own test patients, evaluated as a subgroup
+        hospitals = hospital_test_patients(splits.train, shards, splits.test, settings.partition, settings.seed)
+        test = dataclasses.replace(splits.test, metadata={**splits.test.metadata, "hospital": hospitals})
+        splits = dataclasses.replace(splits, test=test)
+        for row in table:
+            row["test_images"] = int((hospitals == f"h{row['hospital']}").sum())
+    for row in table:
+        if row["malignant"] == 0 or row["benign"] == 0:
+            if settings.partition.require_both_classes:
+                raise FedprivError(
+                    f"partition={settings.partition.name} leaves hospital {row['hospital']} with "
+                    f"{row['malignant']} malignant and {row['benign']} benign images, and "
+                    "partition.require_both_classes=true: lower num_clients, raise partition.alpha, "
+                    "or set partition.require_both_classes=false"
+                )
+            log.warning("hospital %d holds only one class (%s)", row["hospital"], row)
+    if settings.privacy.local:
+        warn_delta(settings, min(row["images"] for row in table))
+        check_budget_allows_one_round(settings, table)
+    return Plan(splits, shards, table)
 
 
 def resume_point(settings: RunSettings, run: RunDirectory) -> Checkpoint | None:

@@ -246,6 +246,8 @@ class RunSettings:
 
 PRIVACY_MODES = ("none", "local", "central", "local_central")
 VOLUME_FITS = ("resample", "crop")
+#: The phantom generators hold about this many float32 copies of the images at once.
+GENERATOR_COPIES = 8
 OPTIMIZERS = ("sgd", "adamw")
 
 
@@ -265,7 +267,7 @@ def settings_from_config(cfg: DictConfig) -> RunSettings:
         local_epochs=_typed(raw, "local_epochs", int),
         seed=_typed(raw, "seed", int),
         data=_build(DATA_SETTINGS[data_source], raw["data"], "data"),
-        model=ModelSettings(name=raw["model"]["name"], kwargs=_freeze(raw["model"].get("kwargs") or {})),
+        model=_model_settings(raw["model"]),
         privacy=_build(PrivacySettings, raw["privacy"], "privacy"),
         partition=_build(PartitionSettings, raw["partition"], "partition"),
         strategy=_build(StrategySettings, raw["strategy"], "strategy"),
@@ -373,9 +375,17 @@ def validate(s: RunSettings) -> None:
         _require(0 <= rate <= 1, f"faults.{key}={rate} must be a probability in [0, 1]")
     _require(f.client_failure_rate + f.client_hang_rate <= 1, "faults.client_failure_rate + faults.client_hang_rate must be at most 1")
     _require(s.evaluation.bootstrap >= 0, f"evaluation.bootstrap={s.evaluation.bootstrap} must be >= 0")
-    _require(s.data.image_size >= 16, f"data.image_size={s.data.image_size} must be at least 16")
+    _require(16 <= s.data.image_size <= 1024, f"data.image_size={s.data.image_size} must be between 16 and 1024")
     d = s.data
     if isinstance(d, PhantomDataSettings):
+        dims = 3 if d.source == "phantom_ct" else 2
+        need = d.num_patients * d.images_per_patient * d.image_size**dims * 4 * GENERATOR_COPIES
+        _require(
+            need < 0.5 * _physical_memory(),
+            f"data.num_patients={d.num_patients} × images_per_patient={d.images_per_patient} at "
+            f"data.image_size={d.image_size} needs about {need / 2**30:.1f} GiB to generate; this machine has "
+            f"{_physical_memory() / 2**30:.1f} GiB: lower them",
+        )
         _require(d.num_patients >= 10, f"data.num_patients={d.num_patients} must be at least 10")
         _require(d.images_per_patient >= 1, f"data.images_per_patient={d.images_per_patient} must be at least 1")
         _require(d.num_sites >= 1, f"data.num_sites={d.num_sites} must be at least 1")
@@ -413,6 +423,12 @@ def warn_delta(settings: RunSettings, smallest_hospital_records: int) -> None:
         )
 
 
+def _physical_memory() -> int:
+    import os
+
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
 def _require(condition: bool, message: str) -> None:
     if not condition:
         raise FedprivError(message)
@@ -423,6 +439,15 @@ def _typed(raw: dict, key: str, kind: type) -> Any:
     if not isinstance(value, kind) or isinstance(value, bool):
         raise FedprivError(f"{key}={value!r} must be of type {kind.__name__}")
     return value
+
+
+def _model_settings(raw: dict) -> ModelSettings:
+    name, kwargs = raw.get("name"), raw.get("kwargs") or {}
+    if not isinstance(name, str) or not name:
+        raise FedprivError(f"model.name={name!r} must name a model in timm's registry (see configs/model/)")
+    if not isinstance(kwargs, dict):
+        raise FedprivError(f"model.kwargs={kwargs!r} must be a mapping of timm.create_model arguments")
+    return ModelSettings(name=name, kwargs=_freeze(kwargs))
 
 
 def _optional_str(raw: dict, key: str) -> str | None:
