@@ -49,7 +49,12 @@ def uninterrupted(tmp_path_factory):
     return run_dir
 
 
-@pytest.mark.parametrize("after_lines, delay", [(1, 0.0), pytest.param(2, 2.5, marks=pytest.mark.slow)])
+KILL_POINTS = [(0, 3.0), (1, 0.8), (2, 0.0), (2, 2.5), (3, 1.2)]  # (rounds logged, then seconds)
+
+
+@pytest.mark.parametrize(
+    "after_lines, delay", [(1, 0.0), *(pytest.param(*point, marks=pytest.mark.slow) for point in KILL_POINTS)]
+)
 def test_sigkill_at_any_moment_then_resume_gives_the_uninterrupted_result(tmp_path, uninterrupted, after_lines, delay):
     run_dir = tmp_path / "run"
     proc = _simulate([*RUN, f"hydra.run.dir={run_dir}"])

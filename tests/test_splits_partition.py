@@ -119,3 +119,56 @@ def test_by_column_gives_one_hospital_per_site(records):
         partition_by_patient(records, 3, PartitionSettings("by_column", column="site"), seed=0)
     with pytest.raises(FedprivError, match="partition.column='scanner'"):
         partition_by_patient(records, 4, PartitionSettings("by_column", column="scanner"), seed=0)
+
+
+# --- property tests: patient integrity of every partitioner --------------------------------
+
+
+from hypothesis import HealthCheck, given, settings as hypothesis_settings, strategies as st  # noqa: E402
+
+from fedpriv.data.partition import PARTITIONERS, hospital_test_patients, partition_by_patient  # noqa: E402
+from fedpriv.settings import PartitionSettings  # noqa: E402
+
+
+def _random_records(seed: int, patients: int, sites: int) -> ImageRecords:
+    rng = np.random.default_rng(seed)
+    views = rng.integers(1, 4, patients)  # 1–3 images per patient
+    patient_of = np.repeat(np.arange(patients), views)
+    return ImageRecords(
+        images=np.zeros((len(patient_of), 1, 4, 4), np.float32),
+        labels=(rng.random(patients) < rng.uniform(0.2, 0.8)).astype(np.int64)[patient_of],
+        patient_ids=np.array([f"P{p:04d}" for p in patient_of]),
+        metadata={"site": np.array([f"s{s}" for s in rng.integers(0, sites, patients)])[patient_of]},
+    )
+
+
+@hypothesis_settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    scheme=st.sampled_from(sorted(PARTITIONERS)),
+    seed=st.integers(0, 10_000),
+    patients=st.integers(5, 120),
+    clients=st.integers(1, 8),
+    alpha=st.floats(0.05, 100),
+    power=st.floats(0, 3),
+)
+def test_every_partitioner_keeps_each_patient_in_exactly_one_hospital(scheme, seed, patients, clients, alpha, power):
+    records = _random_records(seed, patients, sites=min(clients, 3))
+    if scheme == "by_column":
+        clients = len(set(records.metadata["site"]))
+    settings = PartitionSettings(name=scheme, alpha=alpha, power=power, column="site", min_patients=1)
+    try:
+        shards = partition_by_patient(records, clients, settings, seed)
+    except FedprivError:
+        return  # e.g. more hospitals than patients, or a Dirichlet draw that cannot be met
+    rows = np.concatenate(shards)
+    assert len(shards) == clients and sorted(rows.tolist()) == list(range(len(records)))  # every image once
+    owner = {}
+    for hospital, index in enumerate(shards):
+        assert len(index) > 0
+        for patient in set(records.patient_ids[index].tolist()):
+            assert owner.setdefault(patient, hospital) == hospital  # never in two hospitals
+    test = _random_records(seed + 1, max(patients // 3, 2), sites=min(clients, 3))
+    own = hospital_test_patients(records, shards, test, settings, seed)
+    by_patient = {}
+    for patient, hospital in zip(test.patient_ids.tolist(), own.tolist()):
+        assert by_patient.setdefault(patient, hospital) == hospital  # test patients too

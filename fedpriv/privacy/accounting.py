@@ -13,7 +13,6 @@ from collections.abc import Iterable
 import numpy as np
 from opacus.accountants import RDPAccountant
 from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
-from opacus.accountants.utils import get_noise_multiplier
 
 History = list[tuple[float, float, int]]
 
@@ -27,22 +26,41 @@ def poisson_plan(num_records: int, batch_size: int) -> tuple[float, int]:
     return 1.0 / steps_per_epoch, steps_per_epoch
 
 
+#: Above this σ a plan is refused: the target is below what the RDP→(ε, δ) conversion can
+#: certify (about ln(1/δ)/62 with Opacus' orders), and searching further would never end.
+MAX_NOISE_MULTIPLIER = 1e4
+
+
 @functools.lru_cache(maxsize=256)
 def calibrate_noise_multiplier(target_epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
-    """Smallest σ (RDP) such that `steps` steps at `sample_rate` spend at most target_epsilon.
+    """Smallest σ (RDP, to within ε tolerance 0.005) such that `steps` steps at
+    `sample_rate` spend at most target_epsilon — the search of Opacus' get_noise_multiplier,
+    bounded so that an unreachable target is an error, not an endless loop.
 
     Cached: a process asks for the same plan more than once (budget pre-check, strategy,
-    summary), and each search costs seconds."""
-    return float(
-        get_noise_multiplier(
-            target_epsilon=target_epsilon,
-            target_delta=delta,
-            sample_rate=sample_rate,
-            steps=steps,
-            accountant="rdp",
-            epsilon_tolerance=0.005,
-        )
-    )
+    summary)."""
+
+    def spent(sigma: float) -> float:
+        return epsilon_spent([(sigma, sample_rate, steps)], delta)
+
+    low, high = 0.0, 10.0
+    while spent(high) > target_epsilon:
+        low, high = high, 2 * high
+        if high > MAX_NOISE_MULTIPLIER:
+            from fedpriv.errors import FedprivError
+
+            raise FedprivError(
+                f"privacy.target_epsilon={target_epsilon:g} cannot be reached with δ={delta:g} over {steps} "
+                f"steps at sample rate {sample_rate:.3g} (it needs σ > {MAX_NOISE_MULTIPLIER:g}); raise the "
+                "target or δ, or train fewer steps"
+            )
+    while target_epsilon - spent(high) > 0.005:
+        middle = (low + high) / 2
+        if spent(middle) > target_epsilon:
+            low = middle
+        else:
+            high = middle
+    return float(high)
 
 
 def epsilon_spent(history: Iterable[tuple[float, float, int]], delta: float) -> float:
