@@ -55,9 +55,10 @@ def run_experiment(
     run.write_json("partition.json", table)
     run.plot_partition(table)
     on_partition(table)
+    if settings.resume is not None:  # drop lines the kill left without a checkpoint
+        run.rewrite_metrics(checkpoint.lines if checkpoint is not None else [])
     if checkpoint is not None:
         ledger = PrivacyLedger.from_dict(checkpoint.ledger)
-        run.rewrite_metrics(checkpoint.lines)  # drop a line the kill left without a checkpoint
     else:
         ledger = PrivacyLedger(delta=settings.privacy.delta if settings.privacy.delta is not None else 0.0)
     trainer = HospitalTrainer(settings, str(run.path / HOSPITAL_STATE_DIR))

@@ -142,18 +142,26 @@ def test_arrays_of_any_shape_and_dtype_are_read_or_named(tmp_path_factory, suffi
     assert pixels.shape in ((1, 16, 16), (1, 16, 16, 16))
 
 
-@pytest.mark.parametrize(
-    "overrides",
-    [
-        ["rounds=1000000000", "data.num_patients=100000000"],
-        ["data.image_size=9999"],
-        ["privacy.target_epsilon=inf"],
-        ["privacy.target_epsilon=0.001"],  # below what RDP can certify: once an endless σ search
-        ["num_clients=3", "partition=by_column", "partition.column=nope"],
-        ["faults.client_failure_rate=nan"],
-        ["data.num_patients=12", "num_clients=12"],
-    ],
-)
+EXTREME = [
+    ["rounds=1000000000", "data.num_patients=100000000"],
+    ["data.image_size=9999"],
+    ["privacy.target_epsilon=inf"],
+    ["privacy.target_epsilon=0.001"],  # below what RDP can certify: once an endless σ search
+    ["num_clients=3", "partition=by_column", "partition.column=nope"],
+    ["faults.client_failure_rate=nan"],
+    ["data.num_patients=12", "num_clients=12"],
+]
+
+
+@pytest.mark.parametrize("overrides", EXTREME)
+def test_extreme_configs_stop_before_training_with_one_clear_error(overrides):
+    run_settings = _settings_or_clear_error([*SMALL, *overrides] if "data.image_size=9999" not in overrides else overrides)
+    if run_settings is not None:
+        with pytest.raises(FedprivError):
+            prepare(run_settings)
+
+
+@pytest.mark.parametrize("overrides", [EXTREME[0], EXTREME[3]])
 def test_extreme_configs_through_the_cli_stop_with_one_line(tmp_path, overrides):
     run_dir = tmp_path / "run"
     proc = subprocess.run(
