@@ -174,14 +174,15 @@ def build_server_app(
 
 
 def run_federation(server: ServerApp, client: ClientApp, num_clients: int, backend: BackendSettings) -> None:
-    """Run on Flower's simulation engine (Ray backend); Ray is shut down afterwards.
+    """Run on Flower's simulation engine (Ray backend); Ray is shut down afterwards (an
+    attached cluster keeps running: only this driver disconnects).
 
     An exception raised by the ServerApp is re-raised here.
     """
-    backend_config = {
-        "client_resources": dict(backend.client_resources),
-        "init_args": {k: v for k, v in dict(backend.init_args).items() if v is not None},
-    }
+    init_args = {k: v for k, v in dict(backend.init_args).items() if v is not None}
+    if backend.address:  # attach to a running cluster; ray.shutdown() below only disconnects
+        init_args["address"] = backend.address
+    backend_config = {"client_resources": dict(backend.client_resources), "init_args": init_args}
     try:
         run_simulation(
             server_app=server, client_app=client, num_supernodes=num_clients, backend_config=backend_config

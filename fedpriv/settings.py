@@ -219,10 +219,14 @@ class FaultSettings:
 
 @dataclass(frozen=True)
 class BackendSettings:
-    """Flower simulation backend (Ray): resources per client and `ray.init` arguments."""
+    """Flower simulation backend (Ray): resources per client (they set how many hospitals
+    train at once, and torch threads = num_cpus), `ray.init` arguments, and `address`: null
+    starts a local Ray instance (or attaches to RAY_ADDRESS when set), `auto` or host:port
+    attaches to a running cluster, which is left running afterwards."""
 
     client_resources: tuple[tuple[str, float], ...]
     init_args: tuple[tuple[str, Any], ...]
+    address: str | None = None
 
 
 @dataclass(frozen=True)
