@@ -8,7 +8,6 @@ with the Ray backend.
 from __future__ import annotations
 
 import logging
-import os
 import random
 import re
 from collections.abc import Callable

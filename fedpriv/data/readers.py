@@ -60,11 +60,11 @@ def read_file(path: Path, options: ReadOptions) -> ReadImage:
             (raw, window), metadata = _decode_pil(path), {}
         else:
             raise FedprivError(f"{path}: unknown file type; readable: {', '.join(READABLE_SUFFIXES)}")
+        raw = np.squeeze(np.asarray(raw, dtype=np.float32))
     except FedprivError:
         raise
     except Exception as error:  # any decoding failure is this file's problem, whatever raised it
         raise FedprivError(f"{path} cannot be read ({type(error).__name__}: {error}); replace or remove the file") from None
-    raw = np.squeeze(np.asarray(raw, dtype=np.float32))
     if raw.ndim not in (2, 3) or min(raw.shape) < 2:
         raise FedprivError(f"{path} holds an array of shape {raw.shape}; expected a 2D image or a 3D volume")
     if not np.isfinite(raw).all():
