@@ -8,6 +8,7 @@ with the Ray backend.
 from __future__ import annotations
 
 import logging
+import os
 import random
 import re
 from collections.abc import Callable
@@ -179,8 +180,10 @@ def run_federation(server: ServerApp, client: ClientApp, num_clients: int, backe
     An exception raised by the ServerApp is re-raised here.
     """
     init_args = {k: v for k, v in dict(backend.init_args).items() if v is not None}
-    if backend.address:  # attach to a running cluster; ray.shutdown() below only disconnects
-        init_args["address"] = backend.address
+    # A cluster given by backend.address or RAY_ADDRESS is attached to (ray.shutdown() below
+    # only disconnects); otherwise "local": a new instance for this run, never whatever
+    # cluster happens to run on this machine (which ray.init() would join by default).
+    init_args["address"] = backend.address or os.environ.get("RAY_ADDRESS") or "local"
     backend_config = {"client_resources": dict(backend.client_resources), "init_args": init_args}
     try:
         run_simulation(

@@ -19,7 +19,7 @@ def _lines(run_dir):
 
 
 def test_same_seed_same_results_with_one_or_several_concurrent_hospitals(tmp_path):
-    base = [*TINY, "num_clients=4", "rounds=2", "strategy.clients_per_round=2", "privacy=local_central"]
+    base = [*TINY, "num_clients=4", "rounds=2", "strategy.clients_per_round=3", "privacy=local_central"]
     one = run_experiment(make_settings([*base, "+backend.init_args.num_cpus=1"]), tmp_path / "one")  # one at a time
     many = run_experiment(make_settings([*base, "backend.client_resources.num_cpus=0.5"]), tmp_path / "many")
     assert _lines(tmp_path / "one") == _lines(tmp_path / "many")
