@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings as hypothesis_settings, strategies as st
 
-from fedpriv.data.partition import partition_by_patient, partition_table
+from fedpriv.data.partition import PARTITIONERS, hospital_test_patients, partition_by_patient, partition_table
 from fedpriv.data.phantom import PhantomSpec, generate_phantom_mammo
 from fedpriv.data.records import ImageRecords, SplitData
 from fedpriv.data.splits import split_by_patient
@@ -124,10 +125,6 @@ def test_by_column_gives_one_hospital_per_site(records):
 # --- property tests: patient integrity of every partitioner --------------------------------
 
 
-from hypothesis import HealthCheck, given, settings as hypothesis_settings, strategies as st  # noqa: E402
-
-from fedpriv.data.partition import PARTITIONERS, hospital_test_patients, partition_by_patient  # noqa: E402
-from fedpriv.settings import PartitionSettings  # noqa: E402
 
 
 def _random_records(seed: int, patients: int, sites: int) -> ImageRecords:

@@ -190,7 +190,7 @@ def _paint_lesions(
     displaces by up to ~`irregularity`, with a soft margin of half-width `margin`; its intensity is
     the pancreas' minus `hypodensity`, darker still in necrotic patches of its core, plus speckle.
     """
-    f32, size, n = np.float32, len(c), len(images)
+    f32, size = np.float32, len(c)
     voxel = 2.0 / size
     radius, offset, lobe_radius = p["lesion_radius"], p["lobe_offset"], p["lobe_radius"]
     reach = np.maximum(radius, (np.linalg.norm(offset, axis=2) + lobe_radius).max(axis=1))
