@@ -14,17 +14,27 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import ConcatDataset, DataLoader
 
 from fedpriv.data.partition import partition_by_patient
 from fedpriv.data.records import ImageRecords
 from fedpriv.data.sources import load_splits
 from fedpriv.models import build_model
 from fedpriv.errors import FedprivError
-from fedpriv.privacy.accounting import calibrate_noise_multiplier, epsilon_spent, poisson_plan
+from fedpriv.privacy.accounting import epsilon_spent
 from fedpriv.privacy.engine import make_private
-from fedpriv.privacy.hospital_state import HospitalPrivacyState, SpentRound, history_metrics, release_digest
+from fedpriv.privacy.hospital_state import (
+    SYNTHETIC_ROUND,
+    HospitalPrivacyState,
+    SpentRound,
+    history_metrics,
+    release_digest,
+)
+from fedpriv.privacy.plan import classifier_mechanism, gan_mechanism, synthetic_per_round
 from fedpriv.settings import FaultSettings, RunSettings
+from fedpriv.synthetic.gan import balanced_labels, generate
+from fedpriv.synthetic.pool import SyntheticPool
+from fedpriv.synthetic.train import train_gan
 from fedpriv.training import RecordDataset, make_optimizer, proximal_pull, train_epochs
 from strategies import UNIFORM_WEIGHT
 
@@ -62,22 +72,65 @@ class HospitalTrainer:
         facts = {"num_examples": len(shard), "num_patients": len(shard.patients)}
         return facts | history_metrics(HospitalPrivacyState.load(self.state_path(hospital)))
 
-    def __call__(self, hospital: int, weights: dict, config: dict) -> tuple[dict, dict]:
+    def _start(self, server_round: int, hospital: int) -> int:
+        """Torch threads from the client's resources; the seed of this (round, hospital)."""
+        threads = int(dict(self.settings.backend.client_resources).get("num_cpus", 1))
+        torch.set_num_threads(max(1, threads))
+        seed = round_seed(self.settings.seed, server_round, hospital)
+        torch.manual_seed(seed)
+        return seed
+
+    def synthesize(self, hospital: int) -> tuple[dict, dict]:
+        """Train this hospital's conditional GAN on its own shard and release labelled
+        synthetic images and the generator (DP by post-processing under synthetic.dp=true).
+
+        The GAN's DP-SGD session is recorded (round SYNTHETIC_ROUND) before anything leaves.
+        """
+        s, g = self.settings, self.settings.synthetic
+        seed = self._start(SYNTHETIC_ROUND, hospital)
+        shard = hospital_shard(s, hospital)
+        mechanism = gan_mechanism(s, len(shard))
+        trained = train_gan(shard, g, s.data.augment, mechanism.noise_multiplier if g.dp else None, seed)
+        if g.dp and sum(n for *_, n in trained.history) != mechanism.steps:
+            raise FedprivError(f"hospital {hospital}: Opacus accounted {trained.history} for the GAN, expected {mechanism}")
+        labels = balanced_labels(g.samples_per_class)
+        images = generate(trained.generator, labels, seed + 2)
+        released = {"images": torch.from_numpy(images), "labels": torch.from_numpy(labels)}
+        released |= {f"generator.{k}": v for k, v in trained.generator.state_dict().items()}
+        path = self.state_path(hospital)
+        state = HospitalPrivacyState.load(path)
+        state.record(SpentRound(SYNTHETIC_ROUND, *mechanism.entry, release_digest(released)))
+        state.save(path)  # before the images leave
+        metrics = {
+            "gan_seconds": trained.seconds,
+            "gan_discriminator_loss": trained.discriminator_loss,
+            "gan_generator_loss": trained.generator_loss,
+            "epsilon": epsilon_spent(state.history, s.privacy.delta or 0.0),
+            **history_metrics(state),
+        }
+        return released, metrics
+
+    def __call__(self, hospital: int, weights: dict, config: dict, shared: dict | None = None) -> tuple[dict, dict]:
+        """One local round; `shared` is the server's pooled synthetic set (synthetic=augment)."""
         s = self.settings
         started = time.perf_counter()
         server_round = int(config["server-round"])
-        threads = int(dict(s.backend.client_resources).get("num_cpus", 1))
-        torch.set_num_threads(max(1, threads))
-        seed = round_seed(s.seed, server_round, hospital)
-        torch.manual_seed(seed)
+        seed = self._start(server_round, hospital)
         shard = hospital_shard(s, hospital)
         model = build_model(s.model, s.data.image_size)
         model.load_state_dict(weights)
         optimizer = make_optimizer(model, s.training)
         mu = float(config.get("proximal-mu", 0.0))
         after_step = proximal_pull(model, weights, s.training.lr, mu) if mu > 0 else None
+        dataset = RecordDataset(shard, s.data.augment)
+        mixed = synthetic_per_round(s, len(shard))
+        if mixed:
+            if shared is None:
+                raise FedprivError(f"hospital {hospital}: synthetic=augment but the server sent no synthetic images")
+            extra = SyntheticPool.from_arrays(shared).draw(mixed, seed + 3)
+            dataset = ConcatDataset([dataset, RecordDataset(extra, s.data.augment)])
         loader = DataLoader(
-            RecordDataset(shard, s.data.augment),
+            dataset,
             batch_size=s.training.batch_size,
             shuffle=True,
             generator=torch.Generator().manual_seed(seed),
@@ -95,16 +148,14 @@ class HospitalTrainer:
 
     def _train_private(self, model, optimizer, loader, hospital: int, server_round: int, seed: int, after_step):
         s, p = self.settings, self.settings.privacy
-        n = len(loader.dataset)
-        sample_rate, steps_per_epoch = poisson_plan(n, s.training.batch_size)
+        mechanism = classifier_mechanism(s, len(hospital_shard(s, hospital)))
+        sample_rate, steps = mechanism.sample_rate, mechanism.steps
         path = self.state_path(hospital)
         state = HospitalPrivacyState.load(path)
         if state.noise_multiplier is None:  # calibrated once, for the whole planned run
-            planned = s.rounds * s.local_epochs * steps_per_epoch
-            state.noise_multiplier = calibrate_noise_multiplier(p.target_epsilon, p.delta, sample_rate, planned)
+            state.noise_multiplier = mechanism.noise_multiplier
         sigma, before = state.noise_multiplier, state.history
-        steps = s.local_epochs * steps_per_epoch
-        if epsilon_spent(before + [(sigma, sample_rate, steps)], p.delta) > p.budget:
+        if epsilon_spent(state.private_history + [(sigma, sample_rate, steps)], p.delta) > p.budget:
             # This hospital's budget would be exceeded: it does not train, and says why.
             unchanged = {k: v.detach().clone() for k, v in model.state_dict().items()}
             metrics = {"budget_exhausted": 1, "epsilon": epsilon_spent(before, p.delta), **history_metrics(state)}
@@ -114,9 +165,13 @@ class HospitalTrainer:
         )
         loss = train_epochs(session.model, session.optimizer, session.loader, s.local_epochs, True, after_step)
         released = session.unwrapped_state()
+        # The accountant is the ground truth of what DP-SGD ran (it merges equal consecutive entries).
         accounted = sum(n for *_, n in session.history) - sum(n for *_, n in before)
-        if accounted != steps:  # the accountant is the ground truth of what DP-SGD ran
-            raise FedprivError(f"hospital {hospital}: Opacus accounted {accounted} DP-SGD steps, expected {steps}")
+        if accounted != steps or session.history[-1][:2] != (sigma, sample_rate):
+            raise FedprivError(
+                f"hospital {hospital}: Opacus accounted {accounted} steps ending {session.history[-1]}, "
+                f"expected {steps} at σ={sigma}, q={sample_rate}"
+            )
         state.record(SpentRound(server_round, sigma, sample_rate, steps, release_digest(released)))
         state.save(path)  # before the update leaves: a crash from here on cannot lose this round
         metrics = {

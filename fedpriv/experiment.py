@@ -21,10 +21,15 @@ from fedpriv.errors import FedprivError
 from fedpriv.models import build_model
 from fedpriv.federation import build_client_app, build_server_app, run_federation
 from fedpriv.outputs import RunDirectory
-from fedpriv.privacy.accounting import calibrate_noise_multiplier, epsilon_spent, poisson_plan
+from fedpriv.privacy.accounting import epsilon_spent
+from fedpriv.privacy.plan import classifier_mechanism, gan_mechanism
 from fedpriv.privacy.ledger import PrivacyLedger
 from fedpriv.checkpoint import Checkpoint
-from fedpriv.server import final_intervals, global_model, run_rounds, run_settings_dict
+from fedpriv.privacy.hospital_state import SYNTHETIC_ROUND
+from fedpriv.server import PRETRAINED_FILE, final_intervals, global_model, initial_weights, run_rounds, run_settings_dict
+from fedpriv.synthetic.pool import SyntheticPool
+from fedpriv.synthetic.quality import synthetic_quality, train_on_synthetic
+from fedpriv.synthetic.share import POOL_FILE, SYNTHETIC_DIR, hospital_facts
 from fedpriv.settings import RunSettings, warn_delta
 from fedpriv.privacy.ledger import FEDERATION
 from strategies import build_strategy, central_noise_multiplier, clients_per_round
@@ -70,7 +75,7 @@ def run_experiment(
     timeout = settings.faults.client_timeout
     run_federation(
         build_server_app(server_main, strategy, settings.num_clients, timeout, settings.privacy.central),
-        build_client_app(trainer, trainer.describe),
+        build_client_app(trainer, trainer.describe, trainer.synthesize),
         settings.num_clients,
         settings.backend,
     )
@@ -81,6 +86,8 @@ def run_experiment(
     run.plot_privacy_utility(lines)
     intervals = final_intervals(settings, result["weights"], splits)
     summary = make_summary(settings, lines, ledger, table, intervals, time.perf_counter() - started, splits.skipped)
+    if settings.synthetic.enabled:
+        summary["synthetic"] = synthetic_summary(settings, run.path, splits, result["weights"])
     if settings.audit.name == "mia":
         summary["audit"] = run_audit(settings, result["weights"], splits, shards, summary["privacy"])
     run.write_json("summary.json", summary)
@@ -109,6 +116,8 @@ def prepare(settings: RunSettings) -> Plan:
                 f"(has: {sorted(splits.test.metadata)})"
             )
     check_model_fits_data(settings, splits.train.images[:1])
+    if settings.synthetic.enabled and splits.train.images.ndim != 4:
+        raise FedprivError(f"synthetic={settings.synthetic.name}: the GAN makes 2D images, but data={settings.data.name} holds volumes; use synthetic=none")
     if splits.skipped:
         log.warning("%d unreadable items were left out (data.skip_unreadable=true):\n%s", len(splits.skipped), "\n".join(splits.skipped))
     shards = partition_by_patient(splits.train, settings.num_clients, settings.partition, settings.seed)
@@ -193,16 +202,54 @@ def check_budget_allows_one_round(settings: RunSettings, table: list[dict]) -> N
 
     Hospitals enforce their budget themselves every round; this only saves a useless run.
     """
-    p, t = settings.privacy, settings.training
+    p = settings.privacy
     for n in sorted({row["images"] for row in table}):
-        sample_rate, per_epoch = poisson_plan(n, t.batch_size)
-        sigma = calibrate_noise_multiplier(p.target_epsilon, p.delta, sample_rate, settings.rounds * settings.local_epochs * per_epoch)
-        one_round = epsilon_spent([(sigma, sample_rate, settings.local_epochs * per_epoch)], p.delta)
+        gan = gan_mechanism(settings, n)
+        before = [gan.entry] if gan is not None and gan.noise_multiplier > 0 else []
+        one_round = epsilon_spent([*before, classifier_mechanism(settings, n).entry], p.delta)
         if one_round > p.budget:
+            spent_on = "its GAN and one round" if before else "one round"
             raise FedprivError(
-                f"privacy.budget_epsilon={p.budget} is below what one round costs (ε={one_round:.3f} for a "
+                f"privacy.budget_epsilon={p.budget} is below what {spent_on} costs (ε={one_round:.3f} for a "
                 f"hospital of {n} images); raise it, or lower local_epochs"
             )
+
+
+def _mechanism_facts(ledger: PrivacyLedger, hospital: int, mechanism: str) -> dict:
+    entries = [e for e in ledger.entries if e.hospital == hospital and e.mechanism == mechanism]
+    return {
+        "noise_multiplier": entries[0].noise_multiplier if entries else None,
+        "sample_rate": entries[0].sample_rate if entries else None,
+        "steps": sum(e.steps for e in entries),
+    }
+
+
+def synthetic_summary(settings: RunSettings, run_dir: Path, splits: SplitData, weights: dict) -> dict:
+    """What the GANs cost (wall time per hospital) and how good their images are: TSTR AUROC
+    and feature Fréchet distances (fedpriv.synthetic.quality)."""
+    folder = Path(run_dir) / SYNTHETIC_DIR
+    pool = SyntheticPool.load(folder / POOL_FILE)
+    pretrained = Path(run_dir) / PRETRAINED_FILE
+    if pretrained.exists():  # synthetic=pretrain: the pretrained model is the train-on-synthetic model
+        on_synthetic = torch.load(pretrained, weights_only=True)
+    else:
+        on_synthetic = train_on_synthetic(settings, initial_weights(settings), pool)
+    quality = synthetic_quality(settings, pool, splits, global_model(settings, weights), global_model(settings, on_synthetic))
+    facts = hospital_facts(run_dir)
+    block = {
+        "mode": settings.synthetic.name,
+        "dp": settings.synthetic.dp,
+        "images": len(pool),
+        "malignant": int(pool.labels.sum()),
+        "gan_seconds": {h: f["gan_seconds"] for h, f in facts.items()},
+        "gan_seconds_max": max(f["gan_seconds"] for f in facts.values()),
+        **quality,
+        "files": {"pool": f"{SYNTHETIC_DIR}/{POOL_FILE}", "generators": f"{SYNTHETIC_DIR}/generator_hospital_<k>.pt",
+                  "samples": f"{SYNTHETIC_DIR}/samples_hospital_<k>.png"},
+    }
+    if not settings.synthetic.dp:
+        block["warning"] = "the GANs were trained without DP (synthetic.dp=false): every hospital's ε is ∞"
+    return block
 
 
 def make_summary(
@@ -234,13 +281,15 @@ def make_summary(
     if settings.privacy.local:
         per_hospital = {}
         for h in hospitals:
-            entries = [e for e in ledger.entries if e.hospital == h]
-            per_hospital[str(h)] = {
-                "epsilon": ledger.epsilon(h),
-                "noise_multiplier": entries[0].noise_multiplier if entries else None,
-                "sample_rate": entries[0].sample_rate if entries else None,
-                "steps": sum(e.steps for e in entries),
-            }
+            per_hospital[str(h)] = {"epsilon": ledger.epsilon(h), **_mechanism_facts(ledger, h, "dp-sgd")}
+            gan = [e for e in ledger.entries if e.hospital == h and e.round == SYNTHETIC_ROUND]
+            if gan:  # the GAN's own part; "epsilon" above covers GAN and classifier together
+                per_hospital[str(h)]["gan"] = {
+                    "mechanism": gan[0].mechanism,
+                    "epsilon": ledger.epsilon(h, mechanism=gan[0].mechanism),
+                    **_mechanism_facts(ledger, h, gan[0].mechanism),
+                }
+                per_hospital[str(h)]["classifier_epsilon"] = ledger.epsilon(h, mechanism="dp-sgd")
         privacy.update(
             accountant="rdp",
             target_epsilon=settings.privacy.target_epsilon,
@@ -250,6 +299,12 @@ def make_summary(
             max_epsilon=max(v["epsilon"] for v in per_hospital.values()),
             hospitals=per_hospital,
         )
+        unprotected = [h for h, v in per_hospital.items() if v.get("gan", {}).get("mechanism") == "gan-without-dp"]
+        if unprotected:
+            privacy["warnings"] = [
+                f"hospitals {', '.join(unprotected)} shared images from a GAN trained without DP "
+                "(synthetic.dp=false): their ε is ∞; classifier_epsilon is the classifier's DP-SGD alone"
+            ]
     return {
         "test": {k: final[k] for k in utility_keys},
         "test_ci95": intervals,

@@ -32,21 +32,34 @@ log = logging.getLogger(__name__)
 DISCOVERY_TIMEOUT = 600.0
 
 StateDict = dict[str, torch.Tensor]
-#: (hospital, global weights, round config) → (new weights, metrics).
-HospitalTrain = Callable[[int, StateDict, dict], tuple[StateDict, dict]]
+#: (hospital, global weights, round config, shared synthetic arrays or None) → (new weights, metrics).
+HospitalTrain = Callable[[int, StateDict, dict, StateDict | None], tuple[StateDict, dict]]
 #: hospital → facts it shares about itself (counts and its privacy history, never records).
 HospitalDescribe = Callable[[int], dict]
+#: hospital → (synthetic images, labels and generator as arrays, metrics incl. its privacy history).
+HospitalSynthesize = Callable[[int], tuple[StateDict, dict]]
+#: The ClientApp action that trains a hospital's GAN (message type "train.synthesize").
+SYNTHESIZE = "synthesize"
 
 
-def build_client_app(train: HospitalTrain, describe: HospitalDescribe) -> ClientApp:
-    """A ClientApp whose train handler runs `train` for the hospital of this node."""
+def build_client_app(train: HospitalTrain, describe: HospitalDescribe, synthesize: HospitalSynthesize) -> ClientApp:
+    """A ClientApp whose train handler runs `train` for the hospital of this node (and
+    `synthesize` for the train.synthesize action)."""
     app = ClientApp()
 
     @app.train()
     def _train(msg: Message, context: Context) -> Message:
         hospital = int(context.node_config["partition-id"])
-        weights, metrics = train(hospital, msg.content["arrays"].to_torch_state_dict(), dict(msg.content["config"]))
+        shared = msg.content["synthetic"].to_torch_state_dict() if "synthetic" in msg.content else None
+        weights, metrics = train(hospital, msg.content["arrays"].to_torch_state_dict(), dict(msg.content["config"]), shared)
         content = RecordDict({"arrays": ArrayRecord(weights), "metrics": MetricRecord(metrics)})
+        return Message(content, reply_to=msg)
+
+    @app.train(SYNTHESIZE)
+    def _synthesize(msg: Message, context: Context) -> Message:
+        hospital = int(context.node_config["partition-id"])
+        arrays, metrics = synthesize(hospital)
+        content = RecordDict({"arrays": ArrayRecord(arrays), "metrics": MetricRecord({"hospital": hospital, **metrics})})
         return Message(content, reply_to=msg)
 
     @app.query()
@@ -79,6 +92,7 @@ class Federation:
         # Central DP noise is scaled for every sampled hospital: a partial round is not released.
         self.all_or_nothing = all_or_nothing
         self.hospital_of_node: dict[int, int] = {}
+        self.shared: ArrayRecord | None = None  # sent with every training message (synthetic=augment)
 
     def describe_hospitals(self) -> dict[int, dict]:
         """Ask every node which hospital it is and what it holds (counts, never records)."""
@@ -102,6 +116,30 @@ class Federation:
             )
         return dict(sorted(facts.items()))
 
+    def share(self, arrays: StateDict) -> None:
+        """Send these arrays (the pooled synthetic images) with every training message."""
+        self.shared = ArrayRecord(arrays)
+
+    def synthesize(self) -> tuple[dict[int, tuple[StateDict, dict]], dict[int, str]]:
+        """Every hospital trains its GAN and replies with its synthetic images and generator;
+        returns (hospital → (arrays, metrics)) and (hospital → failure reason)."""
+        nodes = sorted(self.hospital_of_node, key=self.hospital_of_node.get)
+        messages = [
+            Message(RecordDict(), message_type=f"{MessageType.TRAIN}.{SYNTHESIZE}", dst_node_id=n) for n in nodes
+        ]
+        replies = list(self.grid.send_and_receive(messages, timeout=self.timeout))
+        released, failed = {}, {}
+        for reply in replies:
+            hospital = self.hospital_of_node[reply.metadata.src_node_id]
+            if reply.has_error():
+                failed[hospital] = short_reason(reply.error.reason)
+            else:
+                released[hospital] = (reply.content["arrays"].to_torch_state_dict(), dict(reply.content["metrics"]))
+        for node in nodes:
+            if self.hospital_of_node[node] not in released and self.hospital_of_node[node] not in failed:
+                failed[self.hospital_of_node[node]] = f"no reply within {self.timeout:g} s"
+        return dict(sorted(released.items())), failed
+
     def train_round(self, server_round: int, weights: StateDict, config: dict, seed: int) -> RoundOutcome:
         """Send the global weights to the sampled hospitals, collect replies, aggregate.
 
@@ -111,6 +149,9 @@ class Federation:
         random.seed(seed)
         ordered = HospitalOrderedGrid(self.grid, self.hospital_of_node)
         messages = self.strategy.configure_train(server_round, ArrayRecord(weights), ConfigRecord(config), ordered)
+        if self.shared is not None:
+            for message in messages:
+                message.content["synthetic"] = self.shared
         replies = list(self.grid.send_and_receive(messages, timeout=self.timeout))
         outcome = RoundOutcome()
         answered = {reply.metadata.src_node_id for reply in replies}

@@ -103,8 +103,16 @@ class SmallGroupNormCNN(nn.Module):
         self.features = nn.Sequential(*layers)
         self.head = nn.Linear(width, num_classes)
 
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """timm's interface: pooled features (pre_logits) or the logit."""
+        pooled = x.mean(dim=(2, 3))
+        return pooled if pre_logits else self.head(pooled)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x).mean(dim=(2, 3)))
+        return self.forward_head(self.forward_features(x))
 
 
 @register_model

@@ -11,8 +11,11 @@ import torch
 
 
 def _clean(value):
-    """JSON has no NaN: undefined metrics are written as null."""
-    if isinstance(value, float) and not math.isfinite(value):
+    """JSON has no NaN or infinity: undefined metrics are written as null, an infinite one
+    (e.g. ε without DP) as the string "inf" (Python's float() reads it back)."""
+    if isinstance(value, float) and math.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    if isinstance(value, float) and math.isnan(value):
         return None
     if isinstance(value, dict):
         return {k: _clean(v) for k, v in value.items()}
@@ -52,8 +55,8 @@ class RunDirectory:
         temporary.write_text("".join(json.dumps(_clean(line)) + "\n" for line in lines))
         os.replace(temporary, self.path / "metrics.jsonl")
 
-    def save_weights(self, weights: dict[str, torch.Tensor]) -> None:
-        torch.save(weights, self.path / "model.pt")
+    def save_weights(self, weights: dict[str, torch.Tensor], name: str = "model.pt") -> None:
+        torch.save(weights, self.path / name)
 
     def _save(self, fig, name: str) -> Path:
         fig.tight_layout()

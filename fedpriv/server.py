@@ -24,7 +24,12 @@ from fedpriv.privacy.hospital_state import history_from_metrics
 from fedpriv.privacy.ledger import PrivacyLedger
 from fedpriv.settings import RunSettings
 from fedpriv.training import predict
+from fedpriv.synthetic.quality import train_on_synthetic
+from fedpriv.synthetic.share import SYNTHETIC_DIR, share_synthetic
 from strategies import central_noise_multiplier
+
+#: The global model after synthetic pretraining (synthetic=pretrain), before round 1.
+PRETRAINED_FILE = f"{SYNTHETIC_DIR}/pretrained.pt"
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +104,8 @@ def run_rounds(
         federation.strategy = pickle.loads(resume_from.strategy)
         resume_from.restore_rngs()
     hospitals = _sync_ledger(ledger, settings, federation.describe_hospitals())
+    if settings.synthetic.enabled:
+        weights = _use_synthetic(federation, settings, run, ledger, weights, first_round)
     central_sigma = central_noise_multiplier(settings) if settings.privacy.central else None
     for server_round in range(first_round, settings.rounds + 1):
         started = time.perf_counter()
@@ -161,6 +168,21 @@ def run_rounds(
     run.save_weights(weights)
     ledger.save(run.path / "ledger.json", hospitals)
     return lines, weights
+
+
+def _use_synthetic(federation, settings, run, ledger, weights, first_round: int) -> dict[str, torch.Tensor]:
+    """Hospitals train their GANs and the server pools the images (accounted in the ledger);
+    `augment` sends the pool with every round, `pretrain` trains the global model on it."""
+    shared = share_synthetic(federation, settings, run.path)
+    _sync_ledger(ledger, settings, shared.reports)
+    if settings.synthetic.name == "augment":
+        federation.share(shared.pool.to_arrays())
+    elif first_round == 1:
+        started = time.perf_counter()
+        weights = train_on_synthetic(settings, weights, shared.pool)
+        run.save_weights(weights, PRETRAINED_FILE)  # RUN/synthetic/pretrained.pt
+        log.info("pretrained on %d synthetic images in %.1f s", len(shared.pool), time.perf_counter() - started)
+    return weights
 
 
 def run_settings_dict(settings: RunSettings) -> dict:

@@ -204,6 +204,38 @@ class AuditSettings:
 AUDITS = ("none", "mia")
 
 
+@dataclass(frozen=True, kw_only=True)
+class SyntheticSettings:
+    """`synthetic=none | augment | pretrain` (configs/synthetic/): each hospital trains the
+    conditional GAN on its own shard — with DP-SGD on the discriminator unless `dp=false`,
+    calibrated to `epsilon_share` × privacy.target_epsilon alone and composed with the
+    classifier's DP-SGD into one ε per hospital — and shares `samples_per_class` images per
+    class. `augment` mixes `mix_ratio` synthetic images per real image into local training;
+    `pretrain` trains the global model on the pooled images (`train_epochs`, `train_lr`, also
+    the train-on-synthetic quality check) before the DP rounds."""
+
+    name: str
+    dp: bool | None = None
+    epsilon_share: float | None = None
+    epochs: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    latent_dim: int | None = None
+    width: int | None = None
+    max_grad_norm: float | None = None
+    samples_per_class: int | None = None
+    train_epochs: int | None = None
+    train_lr: float | None = None
+    mix_ratio: float | None = None  # augment only
+
+    @property
+    def enabled(self) -> bool:
+        return self.name != "none"
+
+
+SYNTHETIC_MODES = ("none", "augment", "pretrain")
+
+
 @dataclass(frozen=True)
 class FaultSettings:
     """Hospitals that fail: `client_timeout` is how long the server waits for a round's
@@ -243,6 +275,7 @@ class RunSettings:
     training: TrainingSettings
     evaluation: EvaluationSettings
     audit: AuditSettings
+    synthetic: SyntheticSettings
     faults: FaultSettings
     backend: BackendSettings
     resume: str | None = None  # a run directory to continue from its last checkpoint
@@ -278,6 +311,7 @@ def settings_from_config(cfg: DictConfig) -> RunSettings:
         training=_build(TrainingSettings, raw["training"], "training"),
         evaluation=_build(EvaluationSettings, raw["evaluation"], "evaluation"),
         audit=_build(AuditSettings, raw["audit"], "audit"),
+        synthetic=_build(SyntheticSettings, raw["synthetic"], "synthetic"),
         faults=_build(FaultSettings, raw["faults"], "faults"),
         resume=_optional_str(raw, "resume"),
         backend=_build(BackendSettings, raw["backend"], "backend"),
@@ -372,6 +406,7 @@ def validate(s: RunSettings) -> None:
     if s.audit.name == "mia":
         c = s.audit.confidence
         _require(c is not None and 0 < c < 1, f"audit.confidence={c} must be strictly between 0 and 1")
+    _validate_synthetic(s)
     f = s.faults
     _require(f.client_timeout > 0, f"faults.client_timeout={f.client_timeout} must be > 0 seconds")
     _require(1 <= f.min_replies <= s.num_clients, f"faults.min_replies={f.min_replies} must be between 1 and num_clients={s.num_clients}")
@@ -412,6 +447,44 @@ def validate(s: RunSettings) -> None:
     if isinstance(d, ManifestDataSettings):
         missing = [k for k in ("path", "label", "patient_id") if k not in dict(d.columns)]
         _require(not missing, f"data.columns.{missing[0] if missing else ''} is not set; map it to a CSV column")
+
+
+def _validate_synthetic(s: RunSettings) -> None:
+    g = s.synthetic
+    _require(g.name in SYNTHETIC_MODES, f"synthetic={g.name!r} is unknown; choose one of {SYNTHETIC_MODES}")
+    if not g.enabled:
+        return
+    for key in ("epochs", "batch_size", "latent_dim", "width", "samples_per_class", "train_epochs"):
+        value = getattr(g, key)
+        _require(isinstance(value, int) and value >= 1, f"synthetic.{key}={value!r} must be an integer ≥ 1")
+    for key in ("lr", "train_lr"):
+        _require(getattr(g, key) is not None and getattr(g, key) > 0, f"synthetic.{key}={getattr(g, key)!r} must be > 0")
+    _require(g.width % 4 == 0, f"synthetic.width={g.width} must be a multiple of 4 (GroupNorm groups)")
+    _require(isinstance(g.dp, bool), f"synthetic.dp={g.dp!r} must be true or false")
+    if g.name == "augment":
+        _require(g.mix_ratio is not None and g.mix_ratio > 0, f"synthetic.mix_ratio={g.mix_ratio!r} must be > 0 (synthetic images per real image)")
+    else:
+        _require(g.mix_ratio is None, "synthetic.mix_ratio is a setting of synthetic=augment only; drop it")
+    if g.dp:
+        _require(
+            s.privacy.local,
+            f"synthetic.dp=true composes the GAN's ε with the classifier's record-level DP, but privacy={s.privacy.mode}: "
+            "use privacy=local (or local_central), or set synthetic.dp=false to share non-private synthetic images (ε = ∞)",
+        )
+        _require(
+            g.epsilon_share is not None and 0 < g.epsilon_share < 1,
+            f"synthetic.epsilon_share={g.epsilon_share!r} must be strictly between 0 and 1 (the GAN's part of privacy.target_epsilon)",
+        )
+        _require(g.max_grad_norm is not None and g.max_grad_norm > 0, f"synthetic.max_grad_norm={g.max_grad_norm!r} must be > 0")
+    _require(
+        s.data.source != "phantom_ct",
+        f"synthetic={g.name}: the GAN makes 2D images, but data={s.data.name} holds volumes; use synthetic=none",
+    )
+    size = s.data.image_size
+    _require(
+        size & (size - 1) == 0,
+        f"synthetic={g.name}: the GAN needs data.image_size to be a power of two (e.g. 64 or 128), not {size}",
+    )
 
 
 def warn_delta(settings: RunSettings, smallest_hospital_records: int) -> None:

@@ -50,10 +50,21 @@ def summary_table(summary: dict, run_dir: Path) -> Table:
         table.add_row("δ", f"{privacy['delta']:g}")
         for h, p in privacy["hospitals"].items():
             table.add_row(f"hospital {h}: ε / σ / q / steps", f"{p['epsilon']:.3f} / {p['noise_multiplier']:.3f} / {p['sample_rate']:.3f} / {p['steps']}")
+            if "gan" in p:
+                g = p["gan"]
+                table.add_row(f"hospital {h}: GAN ε / σ / q / steps ({g['mechanism']})", f"{g['epsilon']:.3f} / {g['noise_multiplier']:.3f} / {g['sample_rate']:.3f} / {g['steps']}")
     if "client_level" in privacy:
         c = privacy["client_level"]
         table.add_row("client-level ε (DP-FedAvg)", _fmt(c["epsilon"]))
         table.add_row("client-level σ / clip / releases", f"{c['noise_multiplier']:.3f} / {c['update_clip_norm']:g} / {c['releases']}")
+    if "synthetic" in summary:
+        s = summary["synthetic"]
+        table.add_row("synthetic", f"{s['mode']} ({s['images']} images, GAN {'with' if s['dp'] else 'WITHOUT'} DP)")
+        table.add_row("GAN seconds (slowest hospital)", f"{s['gan_seconds_max']:.1f}")
+        table.add_row("train-on-synthetic test AUROC", _fmt(s["tstr_auroc"]))
+        table.add_row("Fréchet distance synthetic–real (real–real)", f"{_fmt(s['frechet_distance'])} ({_fmt(s['frechet_distance_real_val_vs_test'])})")
+    for warning in [*privacy.get("warnings", []), *([summary["synthetic"]["warning"]] if "warning" in summary.get("synthetic", {}) else [])]:
+        table.add_row("[bold red]warning", f"[red]{warning}")
     table.add_row("hospitals × rounds", f"{summary['num_clients']} × {summary['rounds_completed']}/{summary['rounds']}")
     table.add_row("wall seconds", f"{summary['wall_seconds']:.1f}")
     return table

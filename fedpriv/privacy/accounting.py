@@ -32,16 +32,19 @@ MAX_NOISE_MULTIPLIER = 1e4
 
 
 @functools.lru_cache(maxsize=256)
-def calibrate_noise_multiplier(target_epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
+def calibrate_noise_multiplier(
+    target_epsilon: float, delta: float, sample_rate: float, steps: int, prior: tuple[tuple[float, float, int], ...] = ()
+) -> float:
     """Smallest σ (RDP, to within ε tolerance 0.005) such that `steps` steps at
-    `sample_rate` spend at most target_epsilon — the search of Opacus' get_noise_multiplier,
-    bounded so that an unreachable target is an error, not an endless loop.
+    `sample_rate`, composed with the `prior` mechanisms already applied to the same records,
+    spend at most target_epsilon — the search of Opacus' get_noise_multiplier, bounded so
+    that an unreachable target is an error, not an endless loop.
 
     Cached: a process asks for the same plan more than once (budget pre-check, strategy,
     summary)."""
 
     def spent(sigma: float) -> float:
-        return epsilon_spent([(sigma, sample_rate, steps)], delta)
+        return epsilon_spent([*prior, (sigma, sample_rate, steps)], delta)
 
     low, high = 0.0, 10.0
     while spent(high) > target_epsilon:
@@ -64,7 +67,8 @@ def calibrate_noise_multiplier(target_epsilon: float, delta: float, sample_rate:
 
 
 def epsilon_spent(history: Iterable[tuple[float, float, int]], delta: float) -> float:
-    """Cumulative ε of every mechanism entry in the history; 0 if none.
+    """Cumulative ε of every mechanism entry in the history; 0 if none, ∞ if any entry
+    added no noise (σ = 0: e.g. a GAN trained without DP whose images left the hospital).
 
     The same computation as Opacus' RDPAccountant (RDP adds up over steps, then the RDP →
     (ε, δ) conversion over its default orders), with the per-step RDP curve cached per
@@ -73,6 +77,8 @@ def epsilon_spent(history: Iterable[tuple[float, float, int]], delta: float) -> 
     entries = [(float(s), float(q), int(n)) for s, q, n in history]
     if not entries:
         return 0.0
+    if any(s == 0 and n > 0 for s, _, n in entries):
+        return math.inf
     rdp = sum(_rdp_per_step(s, q) * n for s, q, n in entries)
     eps, _ = get_privacy_spent(orders=RDPAccountant.DEFAULT_ALPHAS, rdp=rdp, delta=delta)
     return float(eps)

@@ -21,9 +21,15 @@ from fedpriv.errors import FedprivError
 from fedpriv.privacy.accounting import History
 
 
+#: The round number under which a hospital records its GAN training (before round 1).
+SYNTHETIC_ROUND = 0
+
+
 @dataclass(frozen=True)
 class SpentRound:
-    """One DP-SGD session: the server round it served, the mechanism, and what it released."""
+    """One DP-SGD session: the server round it served (SYNTHETIC_ROUND: the GAN's
+    discriminator; σ = 0 when the GAN was trained without DP), the mechanism, and a digest of
+    what it released."""
 
     round: int
     noise_multiplier: float
@@ -40,6 +46,12 @@ class HospitalPrivacyState:
     @property
     def history(self) -> History:
         return [(s.noise_multiplier, s.sample_rate, s.steps) for s in self.spent]
+
+    @property
+    def private_history(self) -> History:
+        """The sessions that added noise. A non-private GAN (synthetic.dp=false) makes the
+        hospital's ε ∞, as `history` says; the budget then governs the classifier alone."""
+        return [entry for entry in self.history if entry[0] > 0]
 
     def record(self, spent: SpentRound) -> None:
         """Add a session, unless it replays an identical release of the same round."""

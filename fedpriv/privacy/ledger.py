@@ -9,10 +9,18 @@ from pathlib import Path
 
 from fedpriv.errors import FedprivError
 from fedpriv.privacy.accounting import History, epsilon_spent
+from fedpriv.privacy.hospital_state import SYNTHETIC_ROUND
 
 
 #: `hospital` of the federation-wide client-level mechanism (DP-FedAvg at the server).
 FEDERATION = -1
+
+
+def mechanism_name(round: int, noise_multiplier: float) -> str:
+    """dp-sgd (the classifier), dp-gan (the GAN's discriminator), or gan-without-dp (ε = ∞)."""
+    if round != SYNTHETIC_ROUND:
+        return "dp-sgd"
+    return "dp-gan" if noise_multiplier > 0 else "gan-without-dp"
 
 
 @dataclass(frozen=True)
@@ -41,7 +49,7 @@ class PrivacyLedger:
         The ledger only ever grows: every session it already holds for this hospital must be
         in the hospital's record, else the hospital's privacy state was lost or rewritten.
         """
-        reported = [LedgerEntry(hospital, r, "dp-sgd", s, q, n) for r, s, q, n in sessions]
+        reported = [LedgerEntry(hospital, r, mechanism_name(r, s), s, q, n) for r, s, q, n in sessions]
         known = [e for e in self.entries if e.hospital == hospital]
         missing = [e for e in known if e not in reported]
         if missing:
@@ -56,20 +64,23 @@ class PrivacyLedger:
         """One client-level release: the server's clipped, noised average of hospital updates."""
         self.entries.append(LedgerEntry(FEDERATION, round, "dp-fedavg", noise_multiplier, sample_rate, 1))
 
-    def history(self, hospital: int, through_round: int | None = None) -> History:
+    def history(self, hospital: int, through_round: int | None = None, mechanism: str | None = None) -> History:
         return [
             (e.noise_multiplier, e.sample_rate, e.steps)
             for e in self.entries
-            if e.hospital == hospital and (through_round is None or e.round <= through_round)
+            if e.hospital == hospital
+            and (through_round is None or e.round <= through_round)
+            and (mechanism is None or e.mechanism == mechanism)
         ]
 
     def client_level_epsilon(self, through_round: int | None = None) -> float:
         """Client-level ε of the federation (what any one hospital's participation reveals)."""
         return self.epsilon(FEDERATION, through_round)
 
-    def epsilon(self, hospital: int, through_round: int | None = None) -> float:
-        """Record-level ε of `hospital` over everything recorded (up to a round; 0 if never)."""
-        return epsilon_spent(self.history(hospital, through_round), self.delta)
+    def epsilon(self, hospital: int, through_round: int | None = None, mechanism: str | None = None) -> float:
+        """Record-level ε of `hospital` over everything recorded (up to a round; 0 if never;
+        ∞ after a GAN without DP); `mechanism` alone when given (e.g. "dp-gan")."""
+        return epsilon_spent(self.history(hospital, through_round, mechanism), self.delta)
 
     def epsilons(self, hospitals: list[int]) -> dict[int, float]:
         return {h: self.epsilon(h) for h in hospitals}
