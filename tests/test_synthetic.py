@@ -1,0 +1,219 @@
+"""Synthetic data (#5): the conditional GAN, its privacy in the ledger, sharing, quality."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from opacus import GradSampleModule
+from opacus.validators import ModuleValidator
+from PIL import Image
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import roc_auc_score
+
+from conftest import TINY, make_settings
+from fedpriv.client import HospitalTrainer, hospital_shard
+from fedpriv.data.sources import load_splits
+from fedpriv.errors import FedprivError
+from fedpriv.experiment import prepare, run_experiment
+from fedpriv.privacy.accounting import epsilon_spent, poisson_plan
+from fedpriv.privacy.plan import classifier_mechanism, gan_mechanism
+from fedpriv.synthetic.gan import (
+    ConditionalDiscriminator,
+    ConditionalGenerator,
+    GanShape,
+    balanced_labels,
+    generate,
+    load_generator,
+)
+from fedpriv.synthetic.quality import frechet_distance
+from fedpriv.synthetic.sample import main as sample_main
+from fedpriv.synthetic.train import train_gan
+from test_accounting import dp_accounting_epsilon
+
+#: A short GAN for tests (the defaults are in configs/synthetic/_gan.yaml).
+SHORT_GAN = ["synthetic.epochs=3", "synthetic.samples_per_class=20", "synthetic.train_epochs=1", "synthetic.batch_size=16"]
+
+
+@pytest.mark.parametrize("size", [64, 128])
+def test_gan_shapes_and_the_discriminator_is_opacus_ready_with_per_layer_samplers(size):
+    shape = GanShape(size, latent_dim=16, width=8)
+    generator, discriminator = ConditionalGenerator(shape), ConditionalDiscriminator(shape)
+    labels = torch.tensor([0, 1, 1])
+    images = generator(torch.randn(3, 16), labels)
+    assert images.shape == (3, 1, size, size) and images.abs().max() <= 1
+    assert discriminator(images, labels).shape == (3,)
+    assert ModuleValidator.validate(discriminator, strict=False) == []
+    wrapped = GradSampleModule(discriminator, loss_reduction="sum", force_functorch=False)
+    wrapped(images.detach(), labels).sum().backward()
+    for p in discriminator.parameters():  # one gradient per example for every layer
+        assert p.grad_sample.shape == (3, *p.shape)
+    # the label reaches the discriminator as a channel: the same image, other label, other logit
+    same = images[:1].detach().repeat(2, 1, 1, 1)
+    out = discriminator(same, torch.tensor([0, 1]))
+    assert out[0] != out[1]
+
+
+def test_dp_generator_really_conditions_on_malignancy(tmp_path):
+    """A classifier trained on real phantom images separates the generator's two classes."""
+    settings = make_settings(["synthetic=augment", "data.image_size=32", "data.num_patients=300", "synthetic.epochs=8"])
+    splits = load_splits(settings.data, settings.seed)
+    real = LogisticRegression(C=0.01, max_iter=2000).fit(splits.train.images.reshape(len(splits.train), -1), splits.train.labels)
+    mechanism = gan_mechanism(settings, len(splits.train))
+    trained = train_gan(splits.train, settings.synthetic, False, mechanism.noise_multiplier, seed=0)
+    assert sum(n for *_, n in trained.history) == mechanism.steps  # every discriminator step accounted
+    labels = balanced_labels(150)
+    images = generate(trained.generator, labels, seed=1).reshape(len(labels), -1) / 255.0
+    auroc = roc_auc_score(labels, real.predict_proba(images)[:, 1])
+    assert auroc > 0.75, f"generated classes are not separated (AUROC {auroc:.3f})"
+    swapped = roc_auc_score(1 - labels, real.predict_proba(images)[:, 1])
+    assert swapped < 0.25  # and the label means what it says: malignant looks malignant
+
+
+def test_gan_and_classifier_compose_to_the_target_and_agree_with_dp_accounting():
+    settings = make_settings([*TINY, "synthetic=augment", "privacy.target_epsilon=6", "synthetic.epsilon_share=0.3"])
+    n = 25
+    gan, classifier = gan_mechanism(settings, n), classifier_mechanism(settings, n)
+    gan_alone = epsilon_spent([gan.entry], 1e-5)
+    assert gan_alone == pytest.approx(0.3 * 6, rel=0.01) and gan_alone <= 1.8
+    whole = [gan.entry] + [classifier.entry] * settings.rounds
+    total = epsilon_spent(whole, 1e-5)
+    assert total <= 6 and total == pytest.approx(6, rel=0.01)
+    assert total == pytest.approx(dp_accounting_epsilon(whole, 1e-5), rel=0.01)
+    # the GAN's share is not free: the classifier needs more noise than without a GAN
+    plain = classifier_mechanism(make_settings([*TINY, "privacy.target_epsilon=6"]), n)
+    pretrain = classifier_mechanism(make_settings([*TINY, "synthetic=pretrain", "privacy.target_epsilon=6"]), n)
+    assert pretrain.sample_rate == plain.sample_rate and pretrain.noise_multiplier > plain.noise_multiplier
+    # augment: Poisson sampling runs over real + synthetic records (mix_ratio=1: twice as many)
+    assert classifier.sample_rate == poisson_plan(2 * n, settings.training.batch_size)[0] < plain.sample_rate
+
+
+def test_a_gan_without_dp_has_infinite_epsilon():
+    assert epsilon_spent([(0.0, 0.5, 10)], 1e-5) == math.inf
+    assert epsilon_spent([(0.0, 0.5, 10), (1.0, 0.1, 5)], 1e-5) == math.inf
+    settings = make_settings([*TINY, "synthetic=pretrain", "synthetic.dp=false"])
+    assert gan_mechanism(settings, 30).noise_multiplier == 0.0
+    # the classifier keeps its own calibration (a non-private GAN is not "composed" away)
+    assert classifier_mechanism(settings, 30) == classifier_mechanism(make_settings(TINY), 30)
+
+
+@pytest.mark.parametrize(
+    "overrides, named",
+    [
+        (["privacy=none", "synthetic=augment"], "synthetic.dp=true"),
+        (["synthetic=augment", "synthetic.epsilon_share=1.0"], "synthetic.epsilon_share"),
+        (["synthetic=augment", "synthetic.mix_ratio=0"], "synthetic.mix_ratio"),
+        (["synthetic=pretrain", "+synthetic.mix_ratio=1.0"], "synthetic.mix_ratio"),
+        (["synthetic=augment", "synthetic.epochs=0"], "synthetic.epochs"),
+        (["synthetic=augment", "data.image_size=48"], "power of two"),
+        (["synthetic=augment", "data=phantom_ct", "model=cnn3d_small"], "volumes"),
+        (["synthetic=augment", "synthetic.dp=yes"], "synthetic.dp"),
+        (["synthetic=augment", "synthetic.name=sometimes"], "synthetic="),
+    ],
+)
+def test_bad_synthetic_settings_are_named(overrides, named):
+    with pytest.raises(FedprivError, match=named.replace(".", r"\.")):
+        make_settings(overrides)
+
+
+def test_budget_check_counts_the_gan():
+    # enough for the classifier's first round alone, not for the GAN plus that round
+    settings = make_settings([*TINY, "synthetic=augment", "privacy.budget_epsilon=1.0", "synthetic.epsilon_share=0.9"])
+    with pytest.raises(FedprivError, match="its GAN and one round"):
+        prepare(settings)
+
+
+def test_a_hospital_releases_only_generated_images_and_its_generator(tmp_path):
+    settings = make_settings([*TINY, "synthetic=augment", *SHORT_GAN])
+    trainer = HospitalTrainer(settings, str(tmp_path))
+    released, metrics = trainer.synthesize(0)
+    assert set(released) == {"images", "labels"} | {k for k in released if k.startswith("generator.")}
+    real = hospital_shard(settings, 0).images
+    fake = released["images"].numpy().astype(np.float32) / 255.0
+    assert fake.shape == (40, *real.shape[1:])
+    distance = np.abs(fake[:, None] - real[None]).reshape(len(fake), len(real), -1).max(axis=-1)
+    assert distance.min() > 1 / 255, "a released image equals a real record"
+    state = json.loads((tmp_path / "hospital_0.json").read_text())
+    assert [s["round"] for s in state["spent"]] == [0]  # recorded before anything left
+    assert metrics["epsilon"] == pytest.approx(epsilon_spent([gan_mechanism(settings, len(real)).entry], 1e-5))
+
+
+def test_frechet_distance_is_zero_for_the_same_set_and_grows_with_a_shift():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(400, 5))
+    assert frechet_distance(a, a) == pytest.approx(0, abs=1e-6)
+    assert frechet_distance(a, a + 1.0) == pytest.approx(5.0, rel=0.01)  # ‖Δμ‖² = 5
+    assert frechet_distance(a, rng.normal(size=(400, 5))) < frechet_distance(a, a * 3)
+
+
+@pytest.fixture(scope="module")
+def augment_run(tmp_path_factory):
+    """One federated DP run with synthetic=augment (DP GAN), shared by the tests below."""
+    run_dir = tmp_path_factory.mktemp("augment")
+    settings = make_settings([*TINY, "synthetic=augment", *SHORT_GAN])
+    return settings, run_dir, run_experiment(settings, run_dir)
+
+
+def test_augment_run_accounts_gan_and_classifier_in_one_epsilon_per_hospital(augment_run):
+    settings, run_dir, summary = augment_run
+    ledger = json.loads((run_dir / "ledger.json").read_text())
+    for h, info in summary["privacy"]["hospitals"].items():
+        entries = [e for e in ledger["entries"] if str(e["hospital"]) == h]
+        assert [e["mechanism"] for e in entries] == ["dp-gan", "dp-sgd", "dp-sgd"]
+        history = [(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in entries]
+        assert info["epsilon"] == pytest.approx(dp_accounting_epsilon(history, 1e-5), rel=0.01)
+        assert info["epsilon"] <= 8.0 and info["epsilon"] == pytest.approx(8.0, rel=0.02)
+        assert info["gan"]["epsilon"] == pytest.approx(0.25 * 8.0, rel=0.01)
+        assert info["gan"]["epsilon"] < info["classifier_epsilon"] < info["epsilon"]
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert all(line["hospitals_trained"] == [0, 1] for line in lines)
+
+
+def test_augment_run_reports_quality_and_writes_samples_generators_and_pool(augment_run):
+    settings, run_dir, summary = augment_run
+    block = summary["synthetic"]
+    assert block["mode"] == "augment" and block["dp"] is True
+    assert block["images"] == 2 * 2 * 20 and block["malignant"] == 40
+    assert 0 <= block["tstr_auroc"] <= 1 and block["frechet_distance"] > 0 and block["frechet_distance_real_val_vs_test"] > 0
+    assert set(block["gan_seconds"]) == {"0", "1"} and block["gan_seconds_max"] > 0
+    for h in (0, 1):
+        grid = Image.open(run_dir / "synthetic" / f"samples_hospital_{h}.png")
+        assert grid.size[0] > 100
+        assert (run_dir / "synthetic" / f"generator_hospital_{h}.pt").stat().st_size > 0
+    assert json.loads((run_dir / "summary.json").read_text())["synthetic"]["images"] == 80
+
+
+def test_sampling_command_writes_an_image_folder_the_data_sources_read(augment_run, tmp_path):
+    _, run_dir, _ = augment_run
+    out = tmp_path / "samples"
+    for split in ("train", "val", "test"):
+        assert sample_main([str(run_dir / "synthetic" / "generator_hospital_1.pt"), "--num", "12", "--out", str(out), "--split", split]) == 0
+    settings = make_settings(["data=image_folder", f"data.root={out}", "data.image_size=32", "data.class_folders={malignant: 1, benign: 0}"])
+    splits = load_splits(settings.data, 0)
+    assert len(splits.train) == 12 and splits.train.labels.sum() == 6
+    generator, facts = load_generator(run_dir / "synthetic" / "generator_hospital_1.pt")
+    assert facts["hospital"] == 1 and generator.shape.image_size == 32
+    assert sample_main([str(run_dir / "summary.json"), "--num", "3", "--out", str(out)]) == 2
+
+
+def test_pretrain_without_dp_reports_infinite_epsilon_with_a_warning(tmp_path):
+    settings = make_settings([*TINY, "rounds=1", "synthetic=pretrain", "synthetic.dp=false", *SHORT_GAN])
+    summary = run_experiment(settings, tmp_path)
+    privacy = summary["privacy"]
+    assert privacy["max_epsilon"] == math.inf and "synthetic.dp=false" in privacy["warnings"][0]
+    for info in privacy["hospitals"].values():
+        assert info["epsilon"] == math.inf and info["gan"]["mechanism"] == "gan-without-dp"
+        assert 0 < info["classifier_epsilon"] <= 8.0  # the classifier alone is still DP
+    written = json.loads((tmp_path / "summary.json").read_text())
+    assert written["privacy"]["max_epsilon"] == "inf" and float(written["privacy"]["max_epsilon"]) == math.inf
+    assert "WITHOUT" not in written["synthetic"]["warning"] and "without DP" in written["synthetic"]["warning"]
+    assert (tmp_path / "synthetic" / "pretrained.pt").exists()
+    pretrained = torch.load(tmp_path / "synthetic" / "pretrained.pt", weights_only=True)
+    assert any(not torch.equal(v, initial) for v, initial in zip(pretrained.values(), _initial(settings).values()))
+
+
+def _initial(settings):
+    from fedpriv.server import initial_weights
+
+    return initial_weights(settings)
