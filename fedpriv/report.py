@@ -23,7 +23,9 @@ import numpy as np
 from fedpriv.errors import FedprivError
 
 #: What makes two runs the same setting (everything that is not the seed).
-SETTING_KEYS = ("data", "model", "privacy", "epsilon", "client_epsilon", "num_clients", "strategy", "partition", "rounds")
+SETTING_KEYS = (
+    "data", "model", "privacy", "epsilon", "client_epsilon", "synthetic", "num_clients", "strategy", "partition", "rounds"
+)
 UTILITY = ("auroc", "auprc", "accuracy", "sensitivity", "specificity")
 
 
@@ -69,6 +71,8 @@ def run_record(run: Path) -> dict:
             name: {group: (_num(m["auroc"]), m["n"]) for group, m in report["groups"].items()}
             for name, report in (summary.get("fairness") or {}).items()
         },
+        "synthetic": _synthetic_setting(settings.get("synthetic", {"name": "none"})),
+        "tstr_auroc": _num(summary.get("synthetic", {}).get("tstr_auroc")),
         "audit_auroc": _num(summary.get("audit", {}).get("pooled", {}).get("attack_auroc")),
         "audit_epsilon": _num(summary.get("audit", {}).get("pooled", {}).get("epsilon_lower_bound_ci")),
         "curve": [(m["round"], _num(m["auroc"])) for m in metrics],
@@ -89,7 +93,8 @@ def table_rows(groups: dict[tuple, list[dict]]) -> list[dict]:
         row = dict(zip(SETTING_KEYS, key))
         row["seeds"] = len(runs)
         audited = ("audit_auroc", "audit_epsilon") if any(math.isfinite(r["audit_auroc"]) for r in runs) else ()
-        for metric in (*UTILITY, "spent_epsilon", *audited):
+        synthetic = ("tstr_auroc",) if any(math.isfinite(r["tstr_auroc"]) for r in runs) else ()
+        for metric in (*UTILITY, "spent_epsilon", *synthetic, *audited):
             row[metric], row[f"{metric}_std"] = _mean_std([r[metric] for r in runs])
         for attribute in sorted({a for r in runs for a in r["fairness"]}):
             for metric in ("worst_group_auroc", "spd"):
@@ -274,6 +279,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"{len(records)} runs, {len(rows)} settings → " + ", ".join(str(p) for p in written))
     return 0
+
+
+def _synthetic_setting(synthetic: dict) -> str:
+    """none, augment, pretrain — marked when the GAN was not private."""
+    return synthetic["name"] + (" (GAN without DP)" if synthetic.get("dp") is False else "")
 
 
 def _num(value) -> float:

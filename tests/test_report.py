@@ -45,7 +45,7 @@ def test_cli_writes_tables_and_plots(sweep, tmp_path):
 
 def _record(privacy, seed, groups):
     return {"data": "d", "model": "m", "privacy": privacy, "epsilon": 1.0 if privacy != "none" else math.inf,
-            "client_epsilon": math.inf, "num_clients": 2, "strategy": "fedavg", "partition": "iid", "rounds": 3,
+            "client_epsilon": math.inf, "synthetic": "none", "num_clients": 2, "strategy": "fedavg", "partition": "iid", "rounds": 3,
             "seed": seed, "groups": {"age": groups}}
 
 
