@@ -19,6 +19,7 @@ from torch.utils.data import ConcatDataset, DataLoader
 from fedpriv.data.partition import partition_by_patient
 from fedpriv.data.records import ImageRecords
 from fedpriv.data.sources import load_splits
+from fedpriv.devices import backend_device
 from fedpriv.models import build_model
 from fedpriv.errors import FedprivError
 from fedpriv.privacy.accounting import epsilon_spent
@@ -31,7 +32,7 @@ from fedpriv.privacy.hospital_state import (
     release_digest,
 )
 from fedpriv.privacy.plan import classifier_mechanism, gan_mechanism, synthetic_per_round
-from fedpriv.settings import FaultSettings, RunSettings
+from fedpriv.settings import DataSettings, FaultSettings, PartitionSettings, RunSettings
 from fedpriv.synthetic.gan import balanced_labels, generate
 from fedpriv.synthetic.pool import SyntheticPool
 from fedpriv.synthetic.train import train_gan
@@ -39,12 +40,27 @@ from fedpriv.training import RecordDataset, make_optimizer, proximal_pull, train
 from strategies import UNIFORM_WEIGHT
 
 
+@functools.lru_cache(maxsize=2)
+def federation_rows(
+    data: DataSettings, num_clients: int, partition: PartitionSettings, seed: int
+) -> tuple[ImageRecords, list[np.ndarray]]:
+    """The training split and every hospital's rows of it, built once per worker process:
+    a worker serving a thousand hospitals loads (or generates) the data once, not per hospital."""
+    train = load_splits(data, seed).train
+    return train, partition_by_patient(train, num_clients, partition, seed)
+
+
+def hospital_rows(settings: RunSettings, hospital: int) -> tuple[ImageRecords, np.ndarray]:
+    """The (cached) training split and this hospital's row indices in it."""
+    train, shards = federation_rows(settings.data, settings.num_clients, settings.partition, settings.seed)
+    return train, shards[hospital]
+
+
 @functools.lru_cache(maxsize=8)
 def hospital_shard(settings: RunSettings, hospital: int) -> ImageRecords:
-    """This hospital's training records (loaded once per worker process)."""
-    splits = load_splits(settings.data, settings.seed)
-    shards = partition_by_patient(splits.train, settings.num_clients, settings.partition, settings.seed)
-    return splits.train.subset(shards[hospital])
+    """This hospital's training records (a few recent hospitals kept per worker process)."""
+    train, rows = hospital_rows(settings, hospital)
+    return train.subset(rows)
 
 
 def round_seed(seed: int, server_round: int, hospital: int) -> int:
@@ -68,8 +84,8 @@ class HospitalTrainer:
 
     def describe(self, hospital: int) -> dict:
         """Counts and the privacy history: what the server may know about this hospital."""
-        shard = hospital_shard(self.settings, hospital)
-        facts = {"num_examples": len(shard), "num_patients": len(shard.patients)}
+        train, rows = hospital_rows(self.settings, hospital)  # counts only: no image copies
+        facts = {"num_examples": len(rows), "num_patients": len(np.unique(train.patient_ids[rows]))}
         return facts | history_metrics(HospitalPrivacyState.load(self.state_path(hospital)))
 
     def _start(self, server_round: int, hospital: int) -> int:
@@ -116,9 +132,11 @@ class HospitalTrainer:
         started = time.perf_counter()
         server_round = int(config["server-round"])
         seed = self._start(server_round, hospital)
+        device = backend_device(s.backend)
         shard = hospital_shard(s, hospital)
         model = build_model(s.model, s.data.image_size)
         model.load_state_dict(weights)
+        model.to(device)
         optimizer = make_optimizer(model, s.training)
         mu = float(config.get("proximal-mu", 0.0))
         after_step = proximal_pull(model, weights, s.training.lr, mu) if mu > 0 else None
@@ -140,8 +158,9 @@ class HospitalTrainer:
             weights, privacy_metrics = self._train_private(model, optimizer, loader, hospital, server_round, seed, after_step)
             metrics.update(privacy_metrics)
         else:
-            metrics["train_loss"] = train_epochs(model, optimizer, loader, s.local_epochs, False, after_step)
+            metrics["train_loss"] = train_epochs(model, optimizer, loader, s.local_epochs, after_step)
             weights = model.state_dict()
+        weights = {k: v.cpu() for k, v in weights.items()}  # what leaves the hospital (no copy on the CPU)
         inject_fault(s.faults, s.seed, server_round, hospital)
         metrics["seconds"] = time.perf_counter() - started
         return weights, metrics
@@ -160,11 +179,13 @@ class HospitalTrainer:
             unchanged = {k: v.detach().clone() for k, v in model.state_dict().items()}
             metrics = {"budget_exhausted": 1, "epsilon": epsilon_spent(before, p.delta), **history_metrics(state)}
             return unchanged, metrics
-        session = make_private(
-            model, optimizer, loader, sigma, p.max_grad_norm, before, torch.Generator().manual_seed(seed + 1)
+        device = next(model.parameters()).device
+        noise = torch.Generator(device=device).manual_seed(seed + 1)
+        session = make_private(model, optimizer, loader, sigma, p.max_grad_norm, before, noise, p.grad_sample_mode)
+        loss = train_epochs(
+            session.model, session.optimizer, session.loader, s.local_epochs, after_step, session.ghost_loss
         )
-        loss = train_epochs(session.model, session.optimizer, session.loader, s.local_epochs, True, after_step)
-        released = session.unwrapped_state()
+        released = {k: v.cpu() for k, v in session.unwrapped_state().items()}
         # The accountant is the ground truth of what DP-SGD ran (it merges equal consecutive entries).
         accounted = sum(n for *_, n in session.history) - sum(n for *_, n in before)
         if accounted != steps or session.history[-1][:2] != (sigma, sample_rate):

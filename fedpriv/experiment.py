@@ -122,22 +122,27 @@ def prepare(settings: RunSettings) -> Plan:
         log.warning("%d unreadable items were left out (data.skip_unreadable=true):\n%s", len(splits.skipped), "\n".join(splits.skipped))
     shards = partition_by_patient(splits.train, settings.num_clients, settings.partition, settings.seed)
     table = partition_table(splits.train, shards)
-    if settings.num_clients > 1:  # each hospital's own test patients, evaluated as a subgroup
+    if 1 < settings.num_clients <= settings.evaluation.max_hospital_subgroups:
+        # each hospital's own test patients, evaluated as a subgroup; with more hospitals a
+        # share of the test split is a handful of patients, so per-hospital metrics are noise
         hospitals = hospital_test_patients(splits.train, shards, splits.test, settings.partition, settings.seed)
         test = dataclasses.replace(splits.test, metadata={**splits.test.metadata, "hospital": hospitals})
         splits = dataclasses.replace(splits, test=test)
         for row in table:
             row["test_images"] = int((hospitals == f"h{row['hospital']}").sum())
-    for row in table:
-        if row["malignant"] == 0 or row["benign"] == 0:
-            if settings.partition.require_both_classes:
-                raise FedprivError(
-                    f"partition={settings.partition.name} leaves hospital {row['hospital']} with "
-                    f"{row['malignant']} malignant and {row['benign']} benign images, and "
-                    "partition.require_both_classes=true: lower num_clients, raise partition.alpha, "
-                    "or set partition.require_both_classes=false"
-                )
-            log.warning("hospital %d holds only one class (%s)", row["hospital"], row)
+    one_class = [row for row in table if row["malignant"] == 0 or row["benign"] == 0]
+    if one_class and settings.partition.require_both_classes:
+        row = one_class[0]
+        raise FedprivError(
+            f"partition={settings.partition.name} leaves hospital {row['hospital']} with "
+            f"{row['malignant']} malignant and {row['benign']} benign images, and "
+            "partition.require_both_classes=true: lower num_clients, raise partition.alpha, "
+            "or set partition.require_both_classes=false"
+        )
+    if one_class:  # one line, however many hospitals (the full table is in partition.json)
+        log.warning(
+            "%d of %d hospitals hold only one class (first: %s)", len(one_class), len(table), one_class[0]
+        )
     if settings.privacy.local:
         warn_delta(settings, min(row["images"] for row in table))
         check_budget_allows_one_round(settings, table)
@@ -216,7 +221,7 @@ def check_budget_allows_one_round(settings: RunSettings, table: list[dict]) -> N
 
 
 def _mechanism_facts(ledger: PrivacyLedger, hospital: int, mechanism: str) -> dict:
-    entries = [e for e in ledger.entries if e.hospital == hospital and e.mechanism == mechanism]
+    entries = [e for e in ledger.entries_of(hospital) if e.mechanism == mechanism]
     return {
         "noise_multiplier": entries[0].noise_multiplier if entries else None,
         "sample_rate": entries[0].sample_rate if entries else None,
@@ -267,7 +272,7 @@ def make_summary(
     hospitals = [row["hospital"] for row in table]
     privacy: dict = {"mode": settings.privacy.mode}
     if settings.privacy.central:
-        releases = [e for e in ledger.entries if e.hospital == FEDERATION]
+        releases = ledger.entries_of(FEDERATION)
         privacy["client_level"] = {
             "epsilon": ledger.client_level_epsilon(),
             "target_epsilon": settings.privacy.client_target_epsilon,
@@ -282,7 +287,7 @@ def make_summary(
         per_hospital = {}
         for h in hospitals:
             per_hospital[str(h)] = {"epsilon": ledger.epsilon(h), **_mechanism_facts(ledger, h, "dp-sgd")}
-            gan = [e for e in ledger.entries if e.hospital == h and e.round == SYNTHETIC_ROUND]
+            gan = [e for e in ledger.entries_of(h) if e.round == SYNTHETIC_ROUND]
             if gan:  # the GAN's own part; "epsilon" above covers GAN and classifier together
                 per_hospital[str(h)]["gan"] = {
                     "mechanism": gan[0].mechanism,

@@ -11,7 +11,7 @@ import logging
 import os
 import random
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import ray
@@ -94,11 +94,18 @@ class Federation:
         self.hospital_of_node: dict[int, int] = {}
         self.shared: ArrayRecord | None = None  # sent with every training message (synthetic=augment)
 
-    def describe_hospitals(self) -> dict[int, dict]:
-        """Ask every node which hospital it is and what it holds (counts, never records)."""
-        nodes, _ = sample_nodes(self.grid, self.num_hospitals, self.num_hospitals)  # waits for all
-        if self.hospital_of_node:  # known nodes: ask them in hospital order
-            nodes = sorted(nodes, key=lambda n: self.hospital_of_node.get(n, n))
+    def describe_hospitals(self, hospitals: Iterable[int] | None = None) -> dict[int, dict]:
+        """Ask nodes which hospital they are and what they hold (counts, never records):
+        every node (discovery, once per run), or only the given, already known `hospitals`."""
+        if hospitals is not None and self.hospital_of_node:
+            wanted = set(hospitals)
+            nodes = sorted((n for n, h in self.hospital_of_node.items() if h in wanted), key=self.hospital_of_node.get)
+            if not nodes:
+                return {}
+        else:
+            nodes, _ = sample_nodes(self.grid, self.num_hospitals, self.num_hospitals)  # waits for all
+            if self.hospital_of_node:  # known nodes: ask them in hospital order
+                nodes = sorted(nodes, key=lambda n: self.hospital_of_node.get(n, n))
         messages = [Message(RecordDict(), message_type=MessageType.QUERY, dst_node_id=n) for n in nodes]
         facts = {}
         # Not the round timeout: the first query also waits for every worker to start up.

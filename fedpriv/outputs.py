@@ -66,11 +66,13 @@ class RunDirectory:
         return target
 
     def plot_partition(self, table: list[dict]) -> Path:
-        """Benign and malignant training images per hospital, stacked bars."""
+        """Benign and malignant training images per hospital, stacked bars (at most 16
+        inches wide: with many hospitals the bars get thin and the ticks numeric)."""
         plt = _pyplot()
-        hospitals = [str(row["hospital"]) for row in table]
+        many = len(table) > 40
+        hospitals = [row["hospital"] if many else str(row["hospital"]) for row in table]
         benign = [row["benign"] for row in table]
-        fig, ax = plt.subplots(figsize=(max(4, 0.5 * len(table) + 2), 3.2))
+        fig, ax = plt.subplots(figsize=(min(16, max(4, 0.5 * len(table) + 2)), 3.2))
         ax.bar(hospitals, benign, label="benign")
         ax.bar(hospitals, [row["malignant"] for row in table], bottom=benign, label="malignant")
         ax.set_xlabel("hospital")

@@ -15,6 +15,7 @@ import torch
 from fedpriv.checkpoint import Checkpoint
 from fedpriv.client import round_seed
 from fedpriv.data.records import SplitData
+from fedpriv.devices import backend_device
 from fedpriv.errors import FedprivError
 from fedpriv.federation import Federation
 from fedpriv.metrics import auroc, binary_metrics, bootstrap_interval, fairness_report, subgroup_labels
@@ -40,9 +41,10 @@ def initial_weights(settings: RunSettings) -> dict[str, torch.Tensor]:
 
 
 def global_model(settings: RunSettings, weights: dict) -> torch.nn.Module:
+    """The global model on the server's device (CUDA when the backend asks for GPUs)."""
     model = build_model(settings.model, settings.data.image_size)
     model.load_state_dict(weights)
-    return model
+    return model.to(backend_device(settings.backend))
 
 
 def fairness_attributes(settings: RunSettings, splits: SplitData) -> list[tuple[str, tuple[float, ...]]]:
@@ -127,7 +129,8 @@ def run_rounds(
             break
         if len(outcome.trained) < settings.faults.min_replies:
             reasons = "; ".join(f"hospital {h}: {r}" for h, r in outcome.failed.items()) or "no replies"
-            _sync_ledger(ledger, settings, federation.describe_hospitals())  # spent before failing
+            # spent before failing: only hospitals that failed can hold sessions the ledger lacks
+            _sync_ledger(ledger, settings, federation.describe_hospitals(_failed_hospitals(lines) | set(outcome.failed)))
             ledger.save(run.path / "ledger.json", hospitals)
             raise FedprivError(
                 f"round {server_round}: {len(outcome.trained)} hospital(s) trained, fewer than "
@@ -163,8 +166,9 @@ def run_rounds(
         Checkpoint.capture(
             server_round, weights, lines, ledger.to_dict(hospitals), federation.strategy, run_settings_dict(settings)
         ).save(run.path)
-    # Hospitals that trained and then failed have spent privacy the server never heard of.
-    _sync_ledger(ledger, settings, federation.describe_hospitals())
+    # Hospitals that trained and then failed have spent privacy the server never heard of;
+    # every other one reported its whole record with its reply (resumes: at discovery).
+    _sync_ledger(ledger, settings, federation.describe_hospitals(_failed_hospitals(lines)))
     run.save_weights(weights)
     ledger.save(run.path / "ledger.json", hospitals)
     return lines, weights
@@ -202,6 +206,11 @@ def _sync_ledger(ledger: PrivacyLedger, settings: RunSettings, reports: dict[int
                     f"{ledger.epsilon(hospital):.6f}; do not trust this run"
                 )
     return sorted(reports)
+
+
+def _failed_hospitals(lines: list[dict]) -> set[int]:
+    """Hospitals that failed (error or no reply) in any round so far."""
+    return {int(h) for line in lines for h in line["hospitals_failed"]}
 
 
 def _weighted_mean(trained: dict[int, dict], key: str) -> float:

@@ -126,6 +126,7 @@ class PrivacySettings:
     clipping: str | None = None  # central: "fixed" or "adaptive" (Andrew et al. 2021)
     target_clipped_quantile: float | None = None  # adaptive: share of updates left unclipped
     clip_norm_lr: float | None = None  # adaptive: geometric learning rate of the clip norm
+    grad_sample_mode: str | None = None  # local: "hooks" (per-sample gradients) or "ghost" (norms only)
 
     @property
     def local(self) -> bool:
@@ -184,11 +185,14 @@ class StrategySettings:
     tau: float | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class EvaluationSettings:
-    """Server-side evaluation: `bootstrap` resamples for the final 95% intervals."""
+    """Server-side evaluation: `bootstrap` resamples for the final 95% intervals;
+    per-hospital test subgroups only up to `max_hospital_subgroups` hospitals (beyond, a
+    hospital's share of the test split is a handful of patients: noise, not a metric)."""
 
     bootstrap: int
+    max_hospital_subgroups: int
 
 
 @dataclass(frozen=True)
@@ -282,6 +286,8 @@ class RunSettings:
 
 
 PRIVACY_MODES = ("none", "local", "central", "local_central")
+#: Opacus' per-sample gradient modes: per-layer hooks, or ghost clipping (norms only, two backward passes).
+GRAD_SAMPLE_MODES = ("hooks", "ghost")
 VOLUME_FITS = ("resample", "crop")
 #: The phantom generators hold about this many float32 copies of the images at once.
 GENERATOR_COPIES = 8
@@ -363,6 +369,10 @@ def validate(s: RunSettings) -> None:
             p.budget_epsilon is None or p.budget_epsilon > 0,
             f"privacy.budget_epsilon={p.budget_epsilon} must be > 0 (or null: the target)",
         )
+        _require(
+            p.grad_sample_mode in GRAD_SAMPLE_MODES,
+            f"privacy.grad_sample_mode={p.grad_sample_mode!r} is unknown; choose one of {GRAD_SAMPLE_MODES}",
+        )
     part = s.partition
     if part.name == "dirichlet":
         _require(part.alpha is not None and part.alpha > 0, f"partition.alpha={part.alpha} must be > 0")
@@ -414,6 +424,11 @@ def validate(s: RunSettings) -> None:
         _require(0 <= rate <= 1, f"faults.{key}={rate} must be a probability in [0, 1]")
     _require(f.client_failure_rate + f.client_hang_rate <= 1, "faults.client_failure_rate + faults.client_hang_rate must be at most 1")
     _require(s.evaluation.bootstrap >= 0, f"evaluation.bootstrap={s.evaluation.bootstrap} must be >= 0")
+    _require(
+        s.evaluation.max_hospital_subgroups >= 0,
+        f"evaluation.max_hospital_subgroups={s.evaluation.max_hospital_subgroups} must be >= 0 "
+        "(0 = no per-hospital test subgroups)",
+    )
     _require(16 <= s.data.image_size <= 1024, f"data.image_size={s.data.image_size} must be between 16 and 1024")
     d = s.data
     if isinstance(d, PhantomDataSettings):

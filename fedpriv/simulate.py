@@ -22,12 +22,18 @@ def _fmt(value) -> str:
     return "—" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
+#: Hospitals listed one per row on the console; the rest are counted (all are in the files).
+SHOWN_HOSPITALS = 20
+
+
 def partition_table(table: list[dict]) -> Table:
     shown = Table(title="hospitals (training data)")
     for column in ("hospital", "patients", "images", "malignant_pct"):
         shown.add_column(column.replace("_pct", " %"), justify="right")
-    for row in table:
+    for row in table[:SHOWN_HOSPITALS]:
         shown.add_row(*(str(row[c]) for c in ("hospital", "patients", "images", "malignant_pct")))
+    if len(table) > SHOWN_HOSPITALS:
+        shown.add_row(f"… {len(table) - SHOWN_HOSPITALS} more", "", "", "")
     return shown
 
 
@@ -48,11 +54,15 @@ def summary_table(summary: dict, run_dir: Path) -> Table:
     if "hospitals" in privacy:
         table.add_row("ε spent (max over hospitals)", _fmt(privacy["max_epsilon"]))
         table.add_row("δ", f"{privacy['delta']:g}")
-        for h, p in privacy["hospitals"].items():
-            table.add_row(f"hospital {h}: ε / σ / q / steps", f"{p['epsilon']:.3f} / {p['noise_multiplier']:.3f} / {p['sample_rate']:.3f} / {p['steps']}")
-            if "gan" in p:
-                g = p["gan"]
-                table.add_row(f"hospital {h}: GAN ε / σ / q / steps ({g['mechanism']})", f"{g['epsilon']:.3f} / {g['noise_multiplier']:.3f} / {g['sample_rate']:.3f} / {g['steps']}")
+        hospitals = privacy["hospitals"]
+        if len(hospitals) > SHOWN_HOSPITALS:
+            table.add_row("hospitals (each in summary.json)", str(len(hospitals)))
+        else:
+            for h, p in hospitals.items():
+                table.add_row(f"hospital {h}: ε / σ / q / steps", " / ".join(_fmt(p[k]) for k in ("epsilon", "noise_multiplier", "sample_rate", "steps")))
+                if "gan" in p:
+                    g = p["gan"]
+                    table.add_row(f"hospital {h}: GAN ε / σ / q / steps ({g['mechanism']})", " / ".join(_fmt(g[k]) for k in ("epsilon", "noise_multiplier", "sample_rate", "steps")))
     if "client_level" in privacy:
         c = privacy["client_level"]
         table.add_row("client-level ε (DP-FedAvg)", _fmt(c["epsilon"]))

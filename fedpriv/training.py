@@ -48,33 +48,39 @@ def train_epochs(
     optimizer: torch.optim.Optimizer,
     loader: DataLoader,
     epochs: int,
-    sum_loss: bool,
     after_step: Callable[[], None] | None = None,
+    ghost_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> float:
-    """Run `epochs` passes; return the mean per-example loss.
+    """Run `epochs` passes on the model's device; return the mean per-example loss.
 
-    `sum_loss` is for Opacus with loss_reduction="sum" (it divides by the expected batch);
-    otherwise the loss is the batch mean. Empty Poisson batches still take a (noisy) step.
-    `after_step` runs after every optimizer step (e.g. FedProx's proximal pull).
+    The loss is the batch mean, with or without DP (fedpriv.privacy.engine uses Opacus'
+    loss_reduction="mean"). Empty Poisson batches still take a (noisy) step. `after_step`
+    runs after every optimizer step (e.g. FedProx's proximal pull). `ghost_loss`: Opacus'
+    ghost-clipping criterion (mean BCE), whose backward() clips per sample in two passes.
     """
     model.train()
+    device = _device_of(model)
     total, count = 0.0, 0
     for _ in range(epochs):
         for images, labels in loader:
             optimizer.zero_grad(set_to_none=True)
             if len(labels) == 0:  # Poisson sampled nobody: the DP step is noise only
-                _set_empty_grad_samples(model)
+                _set_empty_grads(model, ghost=ghost_loss is not None)
                 optimizer.step()
                 if after_step:
                     after_step()
                 continue
+            images, labels = images.to(device), labels.to(device)  # no-ops on the CPU
             logits = model(images).reshape(-1)
-            loss = F.binary_cross_entropy_with_logits(logits, labels, reduction="sum")
-            (loss if sum_loss else loss / max(len(labels), 1)).backward()
+            if ghost_loss is not None:
+                loss = ghost_loss(logits, labels)
+            else:
+                loss = F.binary_cross_entropy_with_logits(logits, labels)
+            loss.backward()
             optimizer.step()
             if after_step:
                 after_step()
-            total += float(loss.detach())
+            total += float(loss.detach()) * len(labels)
             count += len(labels)
     return total / max(count, 1)
 
@@ -86,7 +92,7 @@ def proximal_pull(model: nn.Module, global_weights: dict[str, torch.Tensor], lr:
     data, so it needs no clipping or noise — and Opacus would drop a loss term that does not
     pass through the model's layers.
     """
-    pairs = [(p, global_weights[name].to(p.dtype)) for name, p in _named_parameters(model)]
+    pairs = [(p, global_weights[name].to(p.device, p.dtype)) for name, p in _named_parameters(model)]
 
     @torch.no_grad()
     def pull() -> None:
@@ -102,16 +108,27 @@ def _named_parameters(model: nn.Module):
     return inner.named_parameters()
 
 
-def _set_empty_grad_samples(model: nn.Module) -> None:
+def _set_empty_grads(model: nn.Module, ghost: bool) -> None:
+    """What Opacus' optimizer reads when a Poisson batch is empty: no per-sample gradients
+    (hooks) or a zero clipped gradient (ghost clipping); it then adds the noise."""
     for p in model.parameters():
         if p.requires_grad:
-            p.grad_sample = p.new_zeros((0, *p.shape))
+            if ghost:
+                p.grad = torch.zeros_like(p)
+            else:
+                p.grad_sample = p.new_zeros((0, *p.shape))
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    parameter = next(model.parameters(), None)
+    return parameter.device if parameter is not None else torch.device("cpu")
 
 
 @torch.no_grad()
 def predict(model: nn.Module, records: ImageRecords, batch_size: int) -> np.ndarray:
-    """Malignancy probabilities for every record."""
+    """Malignancy probabilities for every record (computed on the model's device)."""
     model.eval()
+    device = _device_of(model)
     loader = DataLoader(RecordDataset(records, augment=False), batch_size=batch_size)
-    scores = [torch.sigmoid(model(images).reshape(-1)) for images, _ in loader]
-    return torch.cat(scores).numpy() if scores else np.zeros(0)
+    scores = [torch.sigmoid(model(images.to(device)).reshape(-1)) for images, _ in loader]
+    return torch.cat(scores).cpu().numpy() if scores else np.zeros(0)

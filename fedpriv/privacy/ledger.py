@@ -38,10 +38,20 @@ class LedgerEntry:
 
 @dataclass
 class PrivacyLedger:
-    """Cumulative record-level accounting per hospital (RDP), never reset."""
+    """Cumulative record-level accounting per hospital (RDP), never reset.
+
+    Entries are indexed by hospital and each hospital's ε is cached until its entries
+    change, so a round costs what the hospitals that took part add, not the federation's size.
+    """
 
     delta: float
     entries: list[LedgerEntry] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._by_hospital: dict[int, list[LedgerEntry]] = {}
+        for entry in self.entries:
+            self._by_hospital.setdefault(entry.hospital, []).append(entry)
+        self._epsilon: dict[int, float] = {}
 
     def sync_hospital(self, hospital: int, sessions: list[tuple[int, float, float, int]]) -> None:
         """Take a hospital's own record of its DP-SGD sessions (round, σ, q, steps).
@@ -50,26 +60,37 @@ class PrivacyLedger:
         in the hospital's record, else the hospital's privacy state was lost or rewritten.
         """
         reported = [LedgerEntry(hospital, r, mechanism_name(r, s), s, q, n) for r, s, q, n in sessions]
-        known = [e for e in self.entries if e.hospital == hospital]
+        reported.sort(key=lambda e: e.round)  # stable: the order `entries` keeps them in
+        known = self._by_hospital.get(hospital, [])
+        if reported == known:
+            return
         missing = [e for e in known if e not in reported]
         if missing:
             raise FedprivError(
                 f"hospital {hospital} no longer reports its DP-SGD session of round {missing[0].round} "
                 "that the ledger holds; its privacy state was lost — do not trust this run"
             )
+        self._by_hospital[hospital] = reported
+        self._epsilon.pop(hospital, None)
         self.entries = [e for e in self.entries if e.hospital != hospital] + reported
         self.entries.sort(key=lambda e: (e.round, e.hospital))
 
     def record_release(self, round: int, noise_multiplier: float, sample_rate: float) -> None:
         """One client-level release: the server's clipped, noised average of hospital updates."""
-        self.entries.append(LedgerEntry(FEDERATION, round, "dp-fedavg", noise_multiplier, sample_rate, 1))
+        entry = LedgerEntry(FEDERATION, round, "dp-fedavg", noise_multiplier, sample_rate, 1)
+        self.entries.append(entry)
+        self._by_hospital.setdefault(FEDERATION, []).append(entry)
+        self._epsilon.pop(FEDERATION, None)
+
+    def entries_of(self, hospital: int) -> list[LedgerEntry]:
+        """This hospital's entries (FEDERATION: the client-level releases), in round order."""
+        return list(self._by_hospital.get(hospital, []))
 
     def history(self, hospital: int, through_round: int | None = None, mechanism: str | None = None) -> History:
         return [
             (e.noise_multiplier, e.sample_rate, e.steps)
-            for e in self.entries
-            if e.hospital == hospital
-            and (through_round is None or e.round <= through_round)
+            for e in self._by_hospital.get(hospital, [])
+            if (through_round is None or e.round <= through_round)
             and (mechanism is None or e.mechanism == mechanism)
         ]
 
@@ -80,7 +101,11 @@ class PrivacyLedger:
     def epsilon(self, hospital: int, through_round: int | None = None, mechanism: str | None = None) -> float:
         """Record-level ε of `hospital` over everything recorded (up to a round; 0 if never;
         ∞ after a GAN without DP); `mechanism` alone when given (e.g. "dp-gan")."""
-        return epsilon_spent(self.history(hospital, through_round, mechanism), self.delta)
+        if through_round is not None or mechanism is not None:
+            return epsilon_spent(self.history(hospital, through_round, mechanism), self.delta)
+        if hospital not in self._epsilon:
+            self._epsilon[hospital] = epsilon_spent(self.history(hospital), self.delta)
+        return self._epsilon[hospital]
 
     def epsilons(self, hospitals: list[int]) -> dict[int, float]:
         return {h: self.epsilon(h) for h in hospitals}
