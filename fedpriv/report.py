@@ -304,7 +304,7 @@ def _fmt(value: float) -> str:
 
 
 def _cell(row: dict, key: str) -> str:
-    value = row[key]
+    value = row.get(key)  # a column only some settings have (audit, synthetic) is "—" elsewhere
     if key in ("epsilon", "client_epsilon", "spent_epsilon") and isinstance(value, float) and math.isinf(value):
         return "∞"
     if f"{key}_std" in row and isinstance(value, float) and math.isfinite(value):

@@ -67,3 +67,11 @@ def test_folder_without_runs_is_a_clear_error(tmp_path, capsys):
         find_runs([tmp_path])
     assert main([str(tmp_path)]) == 2
     assert "no finished runs" in capsys.readouterr().err
+
+
+def test_a_column_only_some_settings_have_is_a_dash_in_the_others():
+    from fedpriv.report import _cell
+
+    with_gan = {"auroc": 0.7, "auroc_std": 0.01, "tstr_auroc": 0.6, "tstr_auroc_std": 0.02}
+    real_only = {"auroc": 0.65, "auroc_std": 0.01}
+    assert _cell(with_gan, "tstr_auroc") == "0.600 ± 0.020" and _cell(real_only, "tstr_auroc") == "—"
