@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 from opacus import PrivacyEngine
+from opacus.utils.batch_memory_manager import BatchMemoryManager
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -36,6 +39,20 @@ class PrivateSession:
     def unwrapped_state(self) -> dict[str, torch.Tensor]:
         return self.model._module.state_dict()
 
+    @contextlib.contextmanager
+    def physical_batches(self, max_physical_batch_size: int | None) -> Iterator[DataLoader]:
+        """The Poisson loader, or (when a bound is given) Opacus' BatchMemoryManager over it:
+        each logical batch is split into physical ones of at most that many examples, whose
+        clipped gradients are summed before the one noisy step. Sampling, steps and
+        accounting are those of the logical batches."""
+        if max_physical_batch_size is None:
+            yield self.loader
+            return
+        with BatchMemoryManager(
+            data_loader=self.loader, max_physical_batch_size=max_physical_batch_size, optimizer=self.optimizer
+        ) as loader:
+            yield loader
+
 
 def make_private(
     model: nn.Module,
@@ -49,6 +66,9 @@ def make_private(
     """Wrap for DP-SGD with Poisson sampling; the accountant resumes from `history`.
 
     The accountant is never reset: it starts from everything this hospital spent before.
+    Per-sample gradients are those of a summed loss (exact for split physical batches and
+    averaged augmented views); the step divides the noisy sum by the expected batch size, so
+    a learning rate means the same with and without DP.
     """
     engine = PrivacyEngine(accountant="rdp")
     engine.accountant.history = list(history)
@@ -62,4 +82,5 @@ def make_private(
         loss_reduction="sum",
         noise_generator=noise_generator,
     )
+    private_optimizer.loss_reduction = "mean"  # scale_grad: noisy sum / expected batch size
     return PrivateSession(private_model, private_optimizer, private_loader, engine)
