@@ -21,11 +21,24 @@ from fedpriv.privacy.engine import make_private
 from fedpriv.privacy.ledger import PrivacyLedger
 from fedpriv.schedule import follow_schedule
 from fedpriv.server import evaluate, initial_weights, run_rounds
-from fedpriv.training import train_epochs
+from fedpriv.training import RecordDataset, train_epochs
 
 
 def _close(a: dict, b: dict, **tolerance) -> bool:
     return all(torch.allclose(a[k].float(), b[k].float(), **tolerance) for k in a)
+
+
+def test_a_dp_step_with_no_noise_or_clipping_is_the_non_private_mean_step():
+    """The noisy sum is divided by the expected batch: one learning rate for DP and non-DP."""
+    torch.manual_seed(0)
+    data = TensorDataset(torch.randn(4, 1, 2, 2), torch.tensor([1.0, 0.0, 1.0, 0.0]))
+    plain, private = (nn.Sequential(nn.Flatten(), nn.Linear(4, 1)) for _ in range(2))
+    private.load_state_dict(plain.state_dict())
+    train_epochs(plain, torch.optim.SGD(plain.parameters(), lr=0.5), DataLoader(data, batch_size=4), 1, False)
+    loader = DataLoader(data, batch_size=4)  # q = 1: every example in the one batch
+    session = make_private(private, torch.optim.SGD(private.parameters(), lr=0.5), loader, 0.0, 1e6, [], torch.Generator())
+    train_epochs(session.model, session.optimizer, session.loader, 1, True)
+    assert _close(plain.state_dict(), session.unwrapped_state(), atol=1e-6)
 
 
 # --- augmentation multiplicity -------------------------------------------------------------
@@ -123,16 +136,16 @@ def test_physical_batches_are_bounded_and_change_neither_steps_nor_result(tmp_pa
     s = settings[3]
     model = nn.Sequential(nn.Flatten(), nn.Linear(32 * 32, 1))
     shard = hospital_shard(s, 0)
-    from fedpriv.training import RecordDataset
-
     loader = DataLoader(RecordDataset(shard, True), batch_size=20)
-    session = make_private(model, torch.optim.SGD(model.parameters(), lr=0.1), loader, 1.0, 1.0, [], torch.Generator().manual_seed(0))
+    optimizer, steps = torch.optim.SGD(model.parameters(), lr=0.1), []
+    optimizer.register_step_post_hook(lambda *_: steps.append(1))  # what LR schedules and FedProx hook into
+    session = make_private(model, optimizer, loader, 1.0, 1.0, [], torch.Generator().manual_seed(0))
     sizes = []
     session.model.register_forward_pre_hook(lambda module, args: sizes.append(len(args[0])))
     with session.physical_batches(3) as batches:
         train_epochs(session.model, session.optimizer, batches, 1, True)
     assert sizes and max(sizes) <= 3 and sum(sizes) > 3
-    assert sum(n for *_, n in session.history) == len(loader)  # logical steps, as planned
+    assert sum(n for *_, n in session.history) == len(loader) == len(steps)  # logical steps, as planned
 
 
 def test_physical_batches_need_local_dp():
