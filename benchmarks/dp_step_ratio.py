@@ -46,7 +46,7 @@ def main() -> None:
     torch.manual_seed(0)
     model = build_model(settings.model, size)
     plain_optimizer = make_optimizer(model, settings.training)
-    runs["non-private"] = lambda: train_epochs(model, plain_optimizer, one_batch_loader(), 1)
+    runs["non-private"] = lambda: train_epochs(model, plain_optimizer, one_batch_loader(), 1, False)
     for mode in ("hooks", "ghost"):
         torch.manual_seed(0)
         private = build_model(settings.model, size)
@@ -55,7 +55,7 @@ def main() -> None:
             max_grad_norm=1.0, history=[], noise_generator=torch.Generator().manual_seed(0), grad_sample_mode=mode,
         )
         runs[f"DP-{mode}"] = (
-            lambda s=session: train_epochs(s.model, s.optimizer, s.loader, 1, ghost_loss=s.ghost_loss)
+            lambda s=session: train_epochs(s.model, s.optimizer, s.loader, 1, True, ghost_loss=s.ghost_loss)
         )
 
     for run in runs.values():  # warm-up

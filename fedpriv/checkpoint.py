@@ -1,6 +1,6 @@
 """The server's checkpoint after every round: everything a killed run needs to continue.
 
-Global weights, the strategy (its optimiser moments and clipping norm included), the
+Global weights (and their moving average under evaluation.ema), the strategy (its optimiser moments and clipping norm included), the
 ledger, the metrics so far and the RNG states the server draws from (numpy: central-DP
 noise; Python: client sampling). Hospitals keep their own privacy state on their own disk
 (fedpriv.privacy.hospital_state). Written to a temporary file and renamed, so a kill while
@@ -33,12 +33,13 @@ class Checkpoint:
     numpy_rng: tuple
     python_rng: tuple
     settings: dict  # the run's settings (asdict), to refuse resuming with another config
+    ema: dict[str, torch.Tensor] | None = None  # the moving average of the weights (evaluation.ema)
 
     @classmethod
-    def capture(cls, server_round: int, weights, lines, ledger: dict, strategy, settings: dict) -> Checkpoint:
+    def capture(cls, server_round: int, weights, lines, ledger: dict, strategy, settings: dict, ema=None) -> Checkpoint:
         return cls(
             server_round, weights, list(lines), ledger, pickle.dumps(strategy),
-            np.random.get_state(), random.getstate(), settings,
+            np.random.get_state(), random.getstate(), settings, ema,
         )
 
     def restore_rngs(self) -> None:

@@ -22,7 +22,7 @@ from fedpriv.data.sources import load_splits
 from fedpriv.devices import backend_device
 from fedpriv.models import build_model
 from fedpriv.errors import FedprivError
-from fedpriv.privacy.accounting import epsilon_spent
+from fedpriv.privacy.accounting import epsilon_spent, poisson_plan
 from fedpriv.privacy.engine import make_private
 from fedpriv.privacy.hospital_state import (
     SYNTHETIC_ROUND,
@@ -32,6 +32,7 @@ from fedpriv.privacy.hospital_state import (
     release_digest,
 )
 from fedpriv.privacy.plan import classifier_mechanism, gan_mechanism, synthetic_per_round
+from fedpriv.schedule import follow_schedule
 from fedpriv.settings import DataSettings, FaultSettings, PartitionSettings, RunSettings
 from fedpriv.synthetic.gan import balanced_labels, generate
 from fedpriv.synthetic.pool import SyntheticPool
@@ -137,35 +138,45 @@ class HospitalTrainer:
         model = build_model(s.model, s.data.image_size)
         model.load_state_dict(weights)
         model.to(device)
-        optimizer = make_optimizer(model, s.training)
-        mu = float(config.get("proximal-mu", 0.0))
-        after_step = proximal_pull(model, weights, s.training.lr, mu) if mu > 0 else None
-        dataset = RecordDataset(shard, s.data.augment)
+        views = s.training.augmentations
+        dataset = RecordDataset(shard, s.data.augment, views)
         mixed = synthetic_per_round(s, len(shard))
         if mixed:
             if shared is None:
                 raise FedprivError(f"hospital {hospital}: synthetic=augment but the server sent no synthetic images")
             extra = SyntheticPool.from_arrays(shared).draw(mixed, seed + 3)
-            dataset = ConcatDataset([dataset, RecordDataset(extra, s.data.augment)])
+            dataset = ConcatDataset([dataset, RecordDataset(extra, s.data.augment, views)])
         loader = DataLoader(
             dataset,
             batch_size=s.training.batch_size,
             shuffle=True,
             generator=torch.Generator().manual_seed(seed),
         )
+        optimizer = self._optimizer(model, weights, len(dataset), server_round, float(config.get("proximal-mu", 0.0)))
         metrics = {"hospital": hospital, "num-examples": len(shard), UNIFORM_WEIGHT: 1}
         if s.privacy.local:
-            weights, privacy_metrics = self._train_private(model, optimizer, loader, hospital, server_round, seed, after_step)
+            weights, privacy_metrics = self._train_private(model, optimizer, loader, hospital, server_round, seed)
             metrics.update(privacy_metrics)
         else:
-            metrics["train_loss"] = train_epochs(model, optimizer, loader, s.local_epochs, after_step)
+            metrics["train_loss"] = train_epochs(model, optimizer, loader, s.local_epochs, False, views)
             weights = model.state_dict()
         weights = {k: v.cpu() for k, v in weights.items()}  # what leaves the hospital (no copy on the CPU)
         inject_fault(s.faults, s.seed, server_round, hospital)
         metrics["seconds"] = time.perf_counter() - started
         return weights, metrics
 
-    def _train_private(self, model, optimizer, loader, hospital: int, server_round: int, seed: int, after_step):
+    def _optimizer(self, model, weights: dict, examples: int, server_round: int, mu: float) -> torch.optim.Optimizer:
+        """The local optimizer, its learning rate following training.lr_schedule from this
+        round's place in the planned run (rounds × steps per round), and FedProx's pull."""
+        t = self.settings.training
+        optimizer = make_optimizer(model, t)
+        per_round = self.settings.local_epochs * poisson_plan(examples, t.batch_size)[1]
+        follow_schedule(optimizer, t.lr_schedule, t.lr, (server_round - 1) * per_round, self.settings.rounds * per_round)
+        if mu > 0:
+            optimizer.register_step_post_hook(proximal_pull(model, weights, mu))
+        return optimizer
+
+    def _train_private(self, model, optimizer, loader, hospital: int, server_round: int, seed: int):
         s, p = self.settings, self.settings.privacy
         mechanism = classifier_mechanism(s, len(hospital_shard(s, hospital)))
         sample_rate, steps = mechanism.sample_rate, mechanism.steps
@@ -182,9 +193,10 @@ class HospitalTrainer:
         device = next(model.parameters()).device
         noise = torch.Generator(device=device).manual_seed(seed + 1)
         session = make_private(model, optimizer, loader, sigma, p.max_grad_norm, before, noise, p.grad_sample_mode)
-        loss = train_epochs(
-            session.model, session.optimizer, session.loader, s.local_epochs, after_step, session.ghost_loss
-        )
+        with session.physical_batches(s.training.max_physical_batch_size) as batches:
+            loss = train_epochs(
+                session.model, session.optimizer, batches, s.local_epochs, True, s.training.augmentations, session.ghost_loss
+            )
         released = {k: v.cpu() for k, v in session.unwrapped_state().items()}
         # The accountant is the ground truth of what DP-SGD ran (it merges equal consecutive entries).
         accounted = sum(n for *_, n in session.history) - sum(n for *_, n in before)

@@ -315,6 +315,7 @@ def make_summary(
         "test_ci95": intervals,
         "fairness": final["fairness"],
         "val": {k: final[f"val_{k}"] for k in utility_keys},
+        "external": {name: {k: m[k] for k in utility_keys} for name, m in (final["external"] or {}).items()} or None,
         "privacy": privacy,
         "num_clients": settings.num_clients,
         "rounds": settings.rounds,

@@ -2,7 +2,7 @@
 
 Finds every finished run (a folder with summary.json; Hydra multirun folders included),
 groups runs that differ only by seed, and writes `report.md` and `report.csv` (mean ± std
-over seeds), `auroc_vs_epsilon.png`, `fairness_vs_epsilon.png`, `learning_curves.png`,
+over seeds; external test sets as `external.<name>.auroc`), `auroc_vs_epsilon.png`, `fairness_vs_epsilon.png`, `learning_curves.png`,
 `audit_vs_epsilon.png` (runs with audit=mia), and the correlations (Pearson r) of ε with
 statistical parity difference and of the AUROC drop under DP with subgroup size and with
 non-private AUROC.
@@ -76,6 +76,7 @@ def run_record(run: Path) -> dict:
         "audit_auroc": _num(summary.get("audit", {}).get("pooled", {}).get("attack_auroc")),
         "audit_epsilon": _num(summary.get("audit", {}).get("pooled", {}).get("epsilon_lower_bound_ci")),
         "curve": [(m["round"], _num(m["auroc"])) for m in metrics],
+        "external": {name: _num(m["auroc"]) for name, m in (summary.get("external") or {}).items()},
     }
 
 
@@ -100,6 +101,9 @@ def table_rows(groups: dict[tuple, list[dict]]) -> list[dict]:
             for metric in ("worst_group_auroc", "spd"):
                 values = [r["fairness"][attribute][metric] for r in runs if attribute in r["fairness"]]
                 row[f"{attribute}.{metric}"], row[f"{attribute}.{metric}_std"] = _mean_std(values)
+        for name in sorted({n for r in runs for n in r["external"]}):
+            values = [r["external"][name] for r in runs if name in r["external"]]
+            row[f"external.{name}.auroc"], row[f"external.{name}.auroc_std"] = _mean_std(values)
         rows.append(row)
     return rows
 
@@ -304,7 +308,7 @@ def _fmt(value: float) -> str:
 
 
 def _cell(row: dict, key: str) -> str:
-    value = row.get(key)  # a column only some settings have (audit, synthetic) is "—" elsewhere
+    value = row.get(key, math.nan)  # a column only some settings have (audit, synthetic, an external test set)
     if key in ("epsilon", "client_epsilon", "spent_epsilon") and isinstance(value, float) and math.isinf(value):
         return "∞"
     if f"{key}_std" in row and isinstance(value, float) and math.isfinite(value):

@@ -16,6 +16,7 @@ from fedpriv.checkpoint import Checkpoint
 from fedpriv.client import round_seed
 from fedpriv.data.records import SplitData
 from fedpriv.devices import backend_device
+from fedpriv.ema import update_average
 from fedpriv.errors import FedprivError
 from fedpriv.federation import Federation
 from fedpriv.metrics import auroc, binary_metrics, bootstrap_interval, fairness_report, subgroup_labels
@@ -64,10 +65,12 @@ def evaluate(settings: RunSettings, weights: dict, splits: SplitData) -> dict:
         name: fairness_report(splits.test.labels, scores, subgroup_labels(splits.test.metadata[name], list(edges)))
         for name, edges in fairness_attributes(settings, splits)
     }
+    external = {name: binary_metrics(records.labels, predict(model, records, batch)) for name, records in splits.external.items()}
     return {
         **binary_metrics(splits.test.labels, scores),
         **{f"val_{k}": v for k, v in val.items()},
         "fairness": fairness or None,
+        "external": external or None,
     }
 
 
@@ -97,12 +100,13 @@ def run_rounds(
     resume_from: Checkpoint | None = None,
 ) -> tuple[list[dict], dict[str, torch.Tensor]]:
     """All rounds (after `resume_from`'s, when given); returns the metrics lines (also
-    appended to metrics.jsonl as they come) and the final global weights. A checkpoint is
-    written after every round."""
+    appended to metrics.jsonl as they come) and the final model: the global weights, or
+    their moving average under evaluation.ema. A checkpoint is written after every round."""
     np.random.seed(settings.seed)  # Flower's central-DP wrappers draw noise from numpy's global RNG
-    weights, lines, first_round = initial_weights(settings), [], 1
+    weights, lines, first_round, average = initial_weights(settings), [], 1, None
     if resume_from is not None:
         weights, lines, first_round = resume_from.weights, list(resume_from.lines), resume_from.round + 1
+        average = resume_from.ema
         federation.strategy = pickle.loads(resume_from.strategy)
         resume_from.restore_rngs()
     hospitals = _sync_ledger(ledger, settings, federation.describe_hospitals())
@@ -139,6 +143,8 @@ def run_rounds(
         released = outcome.weights is not None
         if released:
             weights = outcome.weights
+            if settings.evaluation.ema is not None:
+                average = update_average(average, weights, settings.evaluation.ema)
             if settings.privacy.central:
                 ledger.record_release(server_round, central_sigma, 1.0)
         else:
@@ -147,7 +153,7 @@ def run_rounds(
         epsilons = {str(h): ledger.epsilon(h) for h in hospitals} if settings.privacy.local else None
         line = {
             "round": server_round,
-            **evaluate(settings, weights, splits),
+            **evaluate(settings, _final(weights, average), splits),
             "train_loss": _weighted_mean(outcome.trained, "train_loss"),
             "epsilon": epsilons,
             "max_epsilon": max(epsilons.values()) if epsilons else None,
@@ -164,14 +170,20 @@ def run_rounds(
         on_round(line)
         lines.append(line)
         Checkpoint.capture(
-            server_round, weights, lines, ledger.to_dict(hospitals), federation.strategy, run_settings_dict(settings)
+            server_round, weights, lines, ledger.to_dict(hospitals), federation.strategy, run_settings_dict(settings), average
         ).save(run.path)
     # Hospitals that trained and then failed have spent privacy the server never heard of;
     # every other one reported its whole record with its reply (resumes: at discovery).
     _sync_ledger(ledger, settings, federation.describe_hospitals(_failed_hospitals(lines)))
-    run.save_weights(weights)
+    final = _final(weights, average)
+    run.save_weights(final)
     ledger.save(run.path / "ledger.json", hospitals)
-    return lines, weights
+    return lines, final
+
+
+def _final(weights: dict[str, torch.Tensor], average: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+    """The model the run evaluates and saves: the moving average once there is one."""
+    return average if average is not None else weights
 
 
 def _use_synthetic(federation, settings, run, ledger, weights, first_round: int) -> dict[str, torch.Tensor]:

@@ -10,6 +10,7 @@ import dataclasses
 import logging
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -69,6 +70,7 @@ class FolderDataSettings(FileDataSettings):
     splits: tuple[tuple[str, str], ...]
     class_folders: tuple[tuple[str, int], ...]
     patient_pattern: str
+    external_test: tuple[str, ...]  # PATH/<class folder>/<files>: extra test sets, reported by folder name
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -161,7 +163,12 @@ class PartitionSettings:
 
 @dataclass(frozen=True)
 class TrainingSettings:
-    """Local optimisation at each hospital (batch size is the expected Poisson batch)."""
+    """Local optimisation at each hospital (batch size is the expected Poisson batch).
+
+    `augmentations`: views per example whose gradients are averaged before DP clipping (De
+    et al. 2022); `lr_schedule` runs over the planned steps of the whole run;
+    `max_physical_batch_size` splits DP-SGD's Poisson batches into bounded physical ones.
+    """
 
     batch_size: int
     optimizer: str
@@ -169,6 +176,9 @@ class TrainingSettings:
     momentum: float
     weight_decay: float
     eval_batch_size: int
+    augmentations: int
+    lr_schedule: str
+    max_physical_batch_size: int | None
 
 
 @dataclass(frozen=True)
@@ -189,10 +199,13 @@ class StrategySettings:
 class EvaluationSettings:
     """Server-side evaluation: `bootstrap` resamples for the final 95% intervals;
     per-hospital test subgroups only up to `max_hospital_subgroups` hospitals (beyond, a
-    hospital's share of the test split is a handful of patients: noise, not a metric)."""
+    hospital's share of the test split is a handful of patients: noise, not a metric);
+    `ema`: null, or the decay of an exponential average of the global weights over rounds,
+    which is then the model evaluated and saved (post-processing: no privacy cost)."""
 
     bootstrap: int
     max_hospital_subgroups: int
+    ema: float | None
 
 
 @dataclass(frozen=True)
@@ -292,6 +305,7 @@ VOLUME_FITS = ("resample", "crop")
 #: The phantom generators hold about this many float32 copies of the images at once.
 GENERATOR_COPIES = 8
 OPTIMIZERS = ("sgd", "adamw")
+LR_SCHEDULES = ("constant", "cosine")
 
 
 def settings_from_config(cfg: DictConfig) -> RunSettings:
@@ -388,6 +402,28 @@ def validate(s: RunSettings) -> None:
     _require(0 <= t.momentum < 1, f"training.momentum={t.momentum} must be in [0, 1)")
     _require(t.weight_decay >= 0, f"training.weight_decay={t.weight_decay} must be >= 0")
     _require(t.optimizer in OPTIMIZERS, f"training.optimizer={t.optimizer!r} is unknown; choose one of {OPTIMIZERS}")
+    _require(t.lr_schedule in LR_SCHEDULES, f"training.lr_schedule={t.lr_schedule!r} is unknown; choose one of {LR_SCHEDULES}")
+    _require(t.augmentations >= 1, f"training.augmentations={t.augmentations} must be at least 1 (views per example)")
+    _require(
+        t.augmentations == 1 or s.data.augment,
+        f"training.augmentations={t.augmentations} averages over augmented views, but data.augment=false makes "
+        "them identical: set data.augment=true or training.augmentations=1",
+    )
+    _require(
+        t.augmentations == 1 or not p.local or p.grad_sample_mode != "ghost",
+        f"training.augmentations={t.augmentations} averages per-view gradients before clipping, which ghost clipping "
+        "never materialises: use privacy.grad_sample_mode=hooks or training.augmentations=1",
+    )
+    m = t.max_physical_batch_size
+    _require(
+        m is None or (isinstance(m, int) and not isinstance(m, bool) and m >= 1),
+        f"training.max_physical_batch_size={m!r} must be an integer ≥ 1 (or null: no split)",
+    )
+    _require(
+        m is None or p.local,
+        f"training.max_physical_batch_size={m} splits DP-SGD's Poisson batches, but privacy={p.mode} trains "
+        "without them: set it to null",
+    )
     st = s.strategy
     _require(0 < st.fraction_train <= 1, f"strategy.fraction_train={st.fraction_train} must be in (0, 1]")
     if st.clients_per_round is not None:
@@ -429,6 +465,8 @@ def validate(s: RunSettings) -> None:
         f"evaluation.max_hospital_subgroups={s.evaluation.max_hospital_subgroups} must be >= 0 "
         "(0 = no per-hospital test subgroups)",
     )
+    ema = s.evaluation.ema
+    _require(ema is None or 0 < ema < 1, f"evaluation.ema={ema} must be a decay strictly between 0 and 1 (or null: no average)")
     _require(16 <= s.data.image_size <= 1024, f"data.image_size={s.data.image_size} must be between 16 and 1024")
     d = s.data
     if isinstance(d, PhantomDataSettings):
@@ -455,6 +493,15 @@ def validate(s: RunSettings) -> None:
         _require(
             len(d.window) == 2 and d.window[1] > 0,
             f"data.window={list(d.window)} must be [center, width] with width > 0 (or null)",
+        )
+    if isinstance(d, FolderDataSettings):
+        names = [Path(str(path)).name for path in d.external_test]
+        _require(
+            isinstance(d.external_test, tuple)
+            and all(isinstance(path, str) and path for path in d.external_test)
+            and len(set(names)) == len(names),
+            f"data.external_test={list(d.external_test)} must be a list of folders with distinct names "
+            "(results are reported by folder name)",
         )
     if isinstance(d, (ManifestDataSettings, NpzDataSettings)):
         bad = [(k, v) for k, v in d.labels if v not in (0, 1)]

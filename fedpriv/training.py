@@ -16,23 +16,29 @@ from fedpriv.settings import TrainingSettings
 
 class RecordDataset(Dataset):
     """Torch view of ImageRecords (2D images or 3D volumes); `augment` applies random 90°
-    rotations and flips in the last two axes (mass patches have no canonical orientation)."""
+    rotations and flips in the last two axes (mass patches have no canonical orientation).
+    `views` > 1 gives each example as a stack of that many independently augmented views."""
 
-    def __init__(self, records: ImageRecords, augment: bool) -> None:
+    def __init__(self, records: ImageRecords, augment: bool, views: int = 1) -> None:
         self.images = torch.from_numpy(records.images)
         self.labels = torch.from_numpy(records.labels.astype(np.float32))
         self.augment = augment
+        self.views = views
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        image = self.images[i]
+        if self.views == 1:
+            return self._view(self.images[i]), self.labels[i]
+        return torch.stack([self._view(self.images[i]) for _ in range(self.views)]), self.labels[i]
+
+    def _view(self, image: torch.Tensor) -> torch.Tensor:
         if self.augment:
             image = torch.rot90(image, int(torch.randint(4, ())), dims=(-2, -1))
             if torch.rand(()) < 0.5:
                 image = image.flip(-1)
-        return (image - 0.5) / 0.5, self.labels[i]
+        return (image - 0.5) / 0.5
 
 
 def make_optimizer(model: nn.Module, settings: TrainingSettings) -> torch.optim.Optimizer:
@@ -48,15 +54,18 @@ def train_epochs(
     optimizer: torch.optim.Optimizer,
     loader: DataLoader,
     epochs: int,
-    after_step: Callable[[], None] | None = None,
+    sum_loss: bool,
+    views: int = 1,
     ghost_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> float:
     """Run `epochs` passes on the model's device; return the mean per-example loss.
 
-    The loss is the batch mean, with or without DP (fedpriv.privacy.engine uses Opacus'
-    loss_reduction="mean"). Empty Poisson batches still take a (noisy) step. `after_step`
-    runs after every optimizer step (e.g. FedProx's proximal pull). `ghost_loss`: Opacus'
-    ghost-clipping criterion (mean BCE), whose backward() clips per sample in two passes.
+    `sum_loss` is for Opacus with loss_reduction="sum" (fedpriv.privacy.engine divides the
+    noisy sum by the expected batch); otherwise the loss is the batch mean. Empty Poisson
+    batches still take a (noisy) step. With `views` > 1 a batch is (B, views, …): the model
+    sees B·views inputs and each example's loss (and, under DP, its gradient before
+    clipping) is the mean over its views (augmentation multiplicity). `ghost_loss`: Opacus'
+    ghost-clipping criterion (summed BCE), whose backward() clips per sample in two passes.
     """
     model.train()
     device = _device_of(model)
@@ -67,35 +76,49 @@ def train_epochs(
             if len(labels) == 0:  # Poisson sampled nobody: the DP step is noise only
                 _set_empty_grads(model, ghost=ghost_loss is not None)
                 optimizer.step()
-                if after_step:
-                    after_step()
                 continue
             images, labels = images.to(device), labels.to(device)  # no-ops on the CPU
+            if views > 1:
+                images, labels = images.flatten(0, 1), labels.repeat_interleave(views)
             logits = model(images).reshape(-1)
-            if ghost_loss is not None:
+            if ghost_loss is not None:  # views == 1 (settings refuse ghost with augmentations)
                 loss = ghost_loss(logits, labels)
+                loss.backward()
             else:
-                loss = F.binary_cross_entropy_with_logits(logits, labels)
-            loss.backward()
+                loss = F.binary_cross_entropy_with_logits(logits, labels, reduction="sum") / views
+                (loss if sum_loss else loss / (len(labels) // views)).backward()
+            if views > 1:
+                _average_grad_samples_over_views(model, views)
             optimizer.step()
-            if after_step:
-                after_step()
-            total += float(loss.detach()) * len(labels)
-            count += len(labels)
+            total += float(loss.detach())
+            count += len(labels) // views
     return total / max(count, 1)
 
 
-def proximal_pull(model: nn.Module, global_weights: dict[str, torch.Tensor], lr: float, mu: float) -> Callable[[], None]:
-    """FedProx's proximal term as a decoupled step w ← w − lr·μ·(w − w_global).
+def _average_grad_samples_over_views(model: nn.Module, views: int) -> None:
+    """Opacus computed one per-sample gradient per view (of the loss already divided by
+    `views`); summing each example's views gives its view-averaged gradient, which Opacus
+    then clips as one sample: every example still contributes one clipped gradient."""
+    for p in model.parameters():
+        grad_sample = getattr(p, "grad_sample", None)
+        if grad_sample is not None:
+            p.grad_sample = grad_sample.reshape(-1, views, *grad_sample.shape[1:]).sum(1)
+
+
+def proximal_pull(model: nn.Module, global_weights: dict[str, torch.Tensor], mu: float) -> Callable:
+    """FedProx's proximal term as a decoupled step w ← w − lr·μ·(w − w_global), an optimizer
+    step post-hook (lr: the step's current learning rate).
 
     It is applied after the optimizer step, not added to the loss: it does not depend on the
     data, so it needs no clipping or noise — and Opacus would drop a loss term that does not
-    pass through the model's layers.
+    pass through the model's layers. As a hook it runs on real steps only (not on the
+    physical batches whose step Opacus skips).
     """
     pairs = [(p, global_weights[name].to(p.device, p.dtype)) for name, p in _named_parameters(model)]
 
     @torch.no_grad()
-    def pull() -> None:
+    def pull(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+        lr = optimizer.param_groups[0]["lr"]
         for p, anchor in pairs:
             p.sub_(lr * mu * (p - anchor))
 

@@ -44,3 +44,35 @@ def cbis_root() -> Path:
     if not CBIS_DDSM.is_dir():
         pytest.skip(f"real CBIS-DDSM patches not found at {CBIS_DDSM}")
     return CBIS_DDSM
+
+
+def write_class_folder(folder: Path, class_folders: dict[str, int], per_class: int, size: int = 32, first_patient: int = 0) -> None:
+    """PNG patches in folder/<class folder>/P_<id>_<n>.png (one image per patient): malignant
+    ones carry a bright square, benign ones do not, plus noise — learnable, not trivial."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(first_patient)
+    patient = first_patient
+    for name, label in class_folders.items():
+        (folder / name).mkdir(parents=True, exist_ok=True)
+        for _ in range(per_class):
+            pixels = rng.normal(100, 30, (size, size))
+            if label == 1:
+                pixels[size // 4 : size // 2, size // 4 : size // 2] += 80
+            Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(folder / name / f"P_{patient:05d}_0.png")
+            patient += 1
+
+
+#: The CBIS-DDSM class folders (configs/data/cbis_ddsm.yaml).
+CBIS_CLASSES = {"is_benign_false": 1, "is_benign_true": 0}
+
+
+def write_cbis_like(root: Path, per_class: dict[str, int]) -> Path:
+    """A tiny data set in the CBIS-DDSM layout: root/{train,val,test}/<class folder>/*.png,
+    `per_class` images per class and split; patients never shared between splits."""
+    first = 0
+    for split, n in per_class.items():
+        write_class_folder(root / split, CBIS_CLASSES, n, first_patient=first)
+        first += 2 * n
+    return root

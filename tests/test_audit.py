@@ -211,7 +211,7 @@ def overfit_audit():
         model = timm.create_model("fedpriv_cnn_small", num_classes=1, in_chans=1, widths=(8, 16))
         untrained = (membership_scores(model, members, 128), membership_scores(model, nonmembers, 128))
         loader = DataLoader(RecordDataset(members, augment=False), batch_size=64, shuffle=True)
-        loss = train_epochs(model, torch.optim.Adam(model.parameters(), lr=3e-3), loader, epochs=150)
+        loss = train_epochs(model, torch.optim.Adam(model.parameters(), lr=3e-3), loader, epochs=150, sum_loss=False)
         trained = (membership_scores(model, members, 128), membership_scores(model, nonmembers, 128))
     finally:
         torch.set_num_threads(threads)

@@ -1,14 +1,10 @@
 """Local training pieces run in-process: determinism and FedProx's proximal pull."""
 
 import torch
-import torch.nn.functional as F
-from torch.utils.data import DataLoader
 
 from conftest import TINY, make_settings
 from fedpriv.client import HospitalTrainer
-from fedpriv.models import build_model
 from fedpriv.server import initial_weights
-from fedpriv.training import make_optimizer
 
 
 def _distance(a, b):
@@ -46,27 +42,3 @@ def test_proximal_pull_keeps_local_weights_near_the_global_model(tmp_path):
     pulled, _ = trainer(0, start, {"server-round": 1, "proximal-mu": 50.0})
     assert _distance(pulled, start) < 0.8 * _distance(free, start)
 
-
-def test_a_dp_sgd_step_without_noise_or_clipping_is_the_plain_average_gradient_step():
-    """Opacus divides the noisy sum of per-example gradients by the expected batch size: a
-    DP step is an average-gradient step, so an SGD learning rate means the same with and
-    without DP (a summed loss would make it B times larger)."""
-    from torch.utils.data import TensorDataset
-
-    from fedpriv.privacy.engine import make_private
-
-    settings = make_settings([*TINY, "model=cnn_small", "training.optimizer=sgd", "training.lr=0.1", "training.momentum=0"])
-    torch.manual_seed(0)
-    images, labels = torch.randn(16, 1, 32, 32), torch.randint(0, 2, (16,)).float()
-    plain = build_model(settings.model, 32)
-    private = build_model(settings.model, 32)
-    private.load_state_dict(plain.state_dict())
-    optimizer = make_optimizer(plain, settings.training)
-    F.binary_cross_entropy_with_logits(plain(images).reshape(-1), labels).backward()
-    optimizer.step()
-    loader = DataLoader(TensorDataset(images, labels), batch_size=16)
-    session = make_private(private, make_optimizer(private, settings.training), loader, 0.0, 1e6, [], torch.Generator().manual_seed(1))
-    F.binary_cross_entropy_with_logits(session.model(images).reshape(-1), labels).backward()
-    session.optimizer.step()
-    for name, value in plain.state_dict().items():
-        torch.testing.assert_close(session.unwrapped_state()[name], value, rtol=1e-4, atol=1e-6)

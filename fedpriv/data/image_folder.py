@@ -48,12 +48,18 @@ def read_split_folders(
     options: ReadOptions,
     patient_pattern: str,
     problems: DataProblems,
+    external: tuple[Path, ...] = (),
 ) -> SplitData:
-    """Read the train/val/test folders under root, keeping the given patient-level splits."""
+    """Read the train/val/test folders under root, keeping the given patient-level splits,
+    and each `external` test folder (same class folders), keyed by its folder name."""
     if not root.is_dir():
         raise FedprivError(f"data.root={str(root)!r} is not a folder; point data.root at the data set")
     parts = {
         split: read_class_folders(root / folder, class_folders, options, patient_pattern, problems)
         for split, folder in splits.items()
     }
-    return SplitData(**parts, skipped=tuple(problems.messages))
+    for folder in external:
+        if not folder.is_dir():
+            raise FedprivError(f"data.external_test: {str(folder)!r} is not a folder; list folders PATH/<class folder>/<files>")
+    tests = {folder.name: read_class_folders(folder, class_folders, options, patient_pattern, problems) for folder in external}
+    return SplitData(**parts, skipped=tuple(problems.messages), external=tests)

@@ -71,12 +71,14 @@ class DataProblems:
 @dataclass
 class SplitData:
     """Train/val/test records; no patient appears in two of them. `skipped` lists the
-    items a lenient load left out (see DataProblems)."""
+    items a lenient load left out (see DataProblems); `external` holds extra test sets by
+    name (data.external_test), evaluated and reported separately."""
 
     train: ImageRecords
     val: ImageRecords
     test: ImageRecords
     skipped: tuple[str, ...] = ()
+    external: dict[str, ImageRecords] = field(default_factory=dict)
 
     @property
     def parts(self) -> dict[str, ImageRecords]:

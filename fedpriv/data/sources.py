@@ -62,6 +62,7 @@ def _image_folder(settings: FolderDataSettings, seed: int, problems: DataProblem
         read_options(settings),
         settings.patient_pattern,
         problems,
+        tuple(Path(path).expanduser() for path in settings.external_test),
     )
 
 

@@ -7,12 +7,14 @@ second backward pass with the clipping factors. Same mechanism, same σ, q, step
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 from opacus import PrivacyEngine
+from opacus.utils.batch_memory_manager import BatchMemoryManager
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -45,6 +47,20 @@ class PrivateSession:
     def unwrapped_state(self) -> dict[str, torch.Tensor]:
         return self.model._module.state_dict()
 
+    @contextlib.contextmanager
+    def physical_batches(self, max_physical_batch_size: int | None) -> Iterator[DataLoader]:
+        """The Poisson loader, or (when a bound is given) Opacus' BatchMemoryManager over it:
+        each logical batch is split into physical ones of at most that many examples, whose
+        clipped gradients are summed before the one noisy step. Sampling, steps and
+        accounting are those of the logical batches."""
+        if max_physical_batch_size is None:
+            yield self.loader
+            return
+        with BatchMemoryManager(
+            data_loader=self.loader, max_physical_batch_size=max_physical_batch_size, optimizer=self.optimizer
+        ) as loader:
+            yield loader
+
 
 def make_private(
     model: nn.Module,
@@ -59,10 +75,10 @@ def make_private(
     """Wrap for DP-SGD with Poisson sampling; the accountant resumes from `history`.
 
     The accountant is never reset: it starts from everything this hospital spent before.
-    The loss is the batch mean (binary cross-entropy on one logit) in both modes: Opacus
-    rescales per-sample gradients by the batch and divides the noisy sum of clipped ones by
-    the expected batch size, so a step is an average gradient, as without DP (with "sum" it
-    would be B× larger — harmless for Adam, a B× learning rate for SGD).
+    Per-sample gradients are those of a summed loss (exact for split physical batches and
+    averaged augmented views); the step divides the noisy sum by the expected batch size, so
+    a learning rate means the same with and without DP (Opacus' "sum" alone would make an
+    SGD step B× larger under DP).
     """
     engine = PrivacyEngine(accountant="rdp")
     engine.accountant.history = list(history)
@@ -70,16 +86,17 @@ def make_private(
         module=model,
         optimizer=optimizer,
         data_loader=loader,
-        criterion=nn.BCEWithLogitsLoss(reduction="mean"),
+        criterion=nn.BCEWithLogitsLoss(reduction="sum"),
         noise_multiplier=noise_multiplier,
         max_grad_norm=max_grad_norm,
         poisson_sampling=True,
-        loss_reduction="mean",
+        loss_reduction="sum",
         noise_generator=noise_generator,
         grad_sample_mode=grad_sample_mode,
     )
     if grad_sample_mode == "ghost":
         private_model, private_optimizer, ghost_loss, private_loader = wrapped
-        return PrivateSession(private_model, private_optimizer, private_loader, engine, ghost_loss)
-    private_model, private_optimizer, private_loader = wrapped
-    return PrivateSession(private_model, private_optimizer, private_loader, engine)
+    else:
+        (private_model, private_optimizer, private_loader), ghost_loss = wrapped, None
+    private_optimizer.loss_reduction = "mean"  # scale_grad: noisy sum / expected batch size
+    return PrivateSession(private_model, private_optimizer, private_loader, engine, ghost_loss)

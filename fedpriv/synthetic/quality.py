@@ -35,7 +35,7 @@ def train_on_synthetic(settings: RunSettings, weights: dict, pool: SyntheticPool
         shuffle=True,
         generator=torch.Generator().manual_seed(settings.seed),
     )
-    train_epochs(model, make_optimizer(model, training), loader, g.train_epochs)
+    train_epochs(model, make_optimizer(model, training), loader, g.train_epochs, False)
     return model.state_dict()
 
 

@@ -90,8 +90,10 @@ def train_gan(
             images = torch.cat([real.reshape(-1, *fake.shape[1:]), fake.detach()])
             classes = torch.cat([labels.reshape(-1).long(), fake_labels])
             targets = torch.cat([torch.ones(len(labels)), torch.zeros(fakes)])
-            d_loss = F.binary_cross_entropy_with_logits(discriminator(images, classes), targets)
-            d_loss.backward()
+            d_loss = F.binary_cross_entropy_with_logits(discriminator(images, classes), targets, reduction="sum")
+            # Under DP: per-example gradients of the summed loss (fedpriv.privacy.engine
+            # averages the noisy sum over the expected batch); without DP: the batch mean.
+            (d_loss if session is not None else d_loss / len(targets)).backward()
             opt_d.step()
             # Generator: make the (now fixed) discriminator say "real" for each class.
             opt_g.zero_grad(set_to_none=True)
@@ -99,7 +101,7 @@ def train_gan(
                 g_loss = F.binary_cross_entropy_with_logits(discriminator(fake, fake_labels), torch.ones(fakes))
                 g_loss.backward()
             opt_g.step()
-            d_total += float(d_loss.detach())
+            d_total += float(d_loss.detach()) / len(targets)
             g_total += float(g_loss.detach())
         steps = max(len(loader), 1)
     return TrainedGan(

@@ -1,0 +1,225 @@
+"""DP-training techniques (issue #6): augmentation multiplicity, LR schedules, physical
+batches, the EMA of the global model and external test folders — each asserted on what it
+does, with the privacy accounting unchanged."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from conftest import CBIS_CLASSES, TINY, make_settings, write_cbis_like, write_class_folder
+from fedpriv.client import HospitalTrainer, hospital_shard
+from fedpriv.data.sources import load_splits
+from fedpriv.ema import update_average
+from fedpriv.errors import FedprivError
+from fedpriv.federation import RoundOutcome
+from fedpriv.outputs import RunDirectory
+from fedpriv.privacy.engine import make_private
+from fedpriv.privacy.ledger import PrivacyLedger
+from fedpriv.schedule import follow_schedule
+from fedpriv.server import evaluate, initial_weights, run_rounds
+from fedpriv.training import RecordDataset, train_epochs
+
+
+def _close(a: dict, b: dict, **tolerance) -> bool:
+    return all(torch.allclose(a[k].float(), b[k].float(), **tolerance) for k in a)
+
+
+def test_a_dp_step_with_no_noise_or_clipping_is_the_non_private_mean_step():
+    """The noisy sum is divided by the expected batch: one learning rate for DP and non-DP."""
+    torch.manual_seed(0)
+    data = TensorDataset(torch.randn(4, 1, 2, 2), torch.tensor([1.0, 0.0, 1.0, 0.0]))
+    plain, private = (nn.Sequential(nn.Flatten(), nn.Linear(4, 1)) for _ in range(2))
+    private.load_state_dict(plain.state_dict())
+    train_epochs(plain, torch.optim.SGD(plain.parameters(), lr=0.5), DataLoader(data, batch_size=4), 1, False)
+    loader = DataLoader(data, batch_size=4)  # q = 1: every example in the one batch
+    session = make_private(private, torch.optim.SGD(private.parameters(), lr=0.5), loader, 0.0, 1e6, [], torch.Generator())
+    train_epochs(session.model, session.optimizer, session.loader, 1, True)
+    assert _close(plain.state_dict(), session.unwrapped_state(), atol=1e-6)
+
+
+# --- augmentation multiplicity -------------------------------------------------------------
+
+
+def test_views_are_averaged_before_clipping_so_each_example_is_one_clipped_gradient():
+    """One example, two views, σ = 0, q = 1: the step is −lr·clip(mean of the views' gradients)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 1))
+    views = torch.tensor([[[3.0, 0.0, 0.0, 1.0]], [[0.0, -2.0, 0.5, 0.0]]]).reshape(1, 2, 1, 2, 2)
+    label = torch.ones(1)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    clip = 0.1
+
+    def grad_of(view):
+        probe = nn.Sequential(nn.Flatten(), nn.Linear(4, 1))
+        probe.load_state_dict(start)
+        F.binary_cross_entropy_with_logits(probe(view).reshape(-1), label).backward()
+        return torch.cat([p.grad.reshape(-1) for p in probe.parameters()])
+
+    g = [grad_of(views[0, k : k + 1]) for k in range(2)]
+    mean = (g[0] + g[1]) / 2
+    expected = -mean * min(1.0, clip / float(mean.norm()))
+    per_view_clipped = -sum(x * min(1.0, clip / float(x.norm())) for x in g) / 2  # what K=1-style clipping gives
+    assert not torch.allclose(expected, per_view_clipped, atol=1e-4)
+
+    loader = DataLoader(TensorDataset(views, label), batch_size=1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    session = make_private(model, optimizer, loader, 0.0, clip, [], torch.Generator().manual_seed(0))
+    train_epochs(session.model, session.optimizer, session.loader, 1, True, views=2)
+    step = torch.cat([(v - start[k]).reshape(-1) for k, v in session.unwrapped_state().items()])
+    assert torch.allclose(step, expected, atol=1e-6)
+
+
+def test_augmentation_multiplicity_costs_the_same_privacy(tmp_path):
+    settings = {k: make_settings([*TINY, "data.augment=true", f"training.augmentations={k}"]) for k in (1, 4)}
+    reports = {}
+    for k, s in settings.items():
+        start = initial_weights(s)
+        weights, reports[k] = HospitalTrainer(s, str(tmp_path / str(k)))(0, start, {"server-round": 1})
+        assert not _close(weights, start)  # it trained
+    for key in ("noise_multiplier", "sample_rate", "steps", "epsilon"):
+        assert reports[1][key] == reports[4][key], key
+
+
+def test_augmentations_need_augmented_views():
+    with pytest.raises(FedprivError, match="training.augmentations"):
+        make_settings([*TINY, "training.augmentations=4", "data.augment=false"])
+    with pytest.raises(FedprivError, match="training.augmentations"):
+        make_settings([*TINY, "training.augmentations=0"])
+
+
+# --- learning-rate schedule ----------------------------------------------------------------
+
+
+def test_cosine_schedule_runs_over_the_planned_steps_of_the_whole_run(tmp_path):
+    s = make_settings([*TINY, "privacy=none", "training.lr_schedule=cosine", "training.lr=0.1"])
+    trainer, examples = HospitalTrainer(s, str(tmp_path)), 30  # ceil(30 / 8) = 4 steps per round
+    seen = []
+    for server_round in (1, 2):
+        model = torch.nn.Linear(1, 1)
+        optimizer = trainer._optimizer(model, model.state_dict(), examples, server_round, 0.0)
+        optimizer.register_step_post_hook(lambda opt, *_: seen.append(opt.param_groups[0]["lr"]))
+        for _ in range(4):
+            optimizer.step()
+    total = s.rounds * 4
+    assert seen == pytest.approx([0.1 * 0.5 * (1 + math.cos(math.pi * t / total)) for t in range(total)])
+    assert seen[0] == pytest.approx(0.1) and seen[4] == pytest.approx(0.05)
+
+
+def test_constant_schedule_keeps_the_learning_rate():
+    optimizer = torch.optim.SGD(torch.nn.Linear(1, 1).parameters(), lr=0.3)
+    follow_schedule(optimizer, "constant", 0.3, 5, 10)
+    for _ in range(3):
+        optimizer.step()
+        assert optimizer.param_groups[0]["lr"] == 0.3
+    with pytest.raises(FedprivError, match="training.lr_schedule"):
+        make_settings([*TINY, "training.lr_schedule=linear"])
+
+
+# --- physical batches (BatchMemoryManager) -------------------------------------------------
+
+
+def test_physical_batches_are_bounded_and_change_neither_steps_nor_result(tmp_path):
+    settings = {m: make_settings([*TINY, "training.batch_size=20", f"training.max_physical_batch_size={m}"]) for m in ("null", 3)}
+    results = {}
+    for m, s in settings.items():
+        start = initial_weights(s)
+        results[m] = HospitalTrainer(s, str(tmp_path / str(m)))(0, start, {"server-round": 1})
+    (plain, a), (split, b) = results["null"], results[3]
+    for key in ("noise_multiplier", "sample_rate", "steps", "epsilon"):
+        assert a[key] == b[key], key
+    assert _close(plain, split, atol=1e-5)  # same Poisson batches, same noise: one logical step each
+
+    s = settings[3]
+    model = nn.Sequential(nn.Flatten(), nn.Linear(32 * 32, 1))
+    shard = hospital_shard(s, 0)
+    loader = DataLoader(RecordDataset(shard, True), batch_size=20)
+    optimizer, steps = torch.optim.SGD(model.parameters(), lr=0.1), []
+    optimizer.register_step_post_hook(lambda *_: steps.append(1))  # what LR schedules and FedProx hook into
+    session = make_private(model, optimizer, loader, 1.0, 1.0, [], torch.Generator().manual_seed(0))
+    sizes = []
+    session.model.register_forward_pre_hook(lambda module, args: sizes.append(len(args[0])))
+    with session.physical_batches(3) as batches:
+        train_epochs(session.model, session.optimizer, batches, 1, True)
+    assert sizes and max(sizes) <= 3 and sum(sizes) > 3
+    assert sum(n for *_, n in session.history) == len(loader) == len(steps)  # logical steps, as planned
+
+
+def test_physical_batches_need_local_dp():
+    with pytest.raises(FedprivError, match="training.max_physical_batch_size"):
+        make_settings([*TINY, "privacy=none", "training.max_physical_batch_size=4"])
+    with pytest.raises(FedprivError, match="training.max_physical_batch_size"):
+        make_settings([*TINY, "training.max_physical_batch_size=0"])
+
+
+# --- EMA of the global model ---------------------------------------------------------------
+
+
+class _ScriptedFederation:
+    """Stands in for the Flower federation: round r releases weights filled with r."""
+
+    strategy = None
+
+    def __init__(self, template: dict) -> None:
+        self.template = template
+
+    def describe_hospitals(self) -> dict:
+        return {0: {"num_examples": 1}}
+
+    def train_round(self, server_round, weights, config, seed) -> RoundOutcome:
+        released = {k: torch.full_like(v, float(server_round)) for k, v in self.template.items()}
+        return RoundOutcome(trained={0: {"train_loss": 0.0, "num-examples": 1, "seconds": 0.0}}, weights=released)
+
+
+def test_ema_model_is_the_exponential_average_of_the_round_weights(tmp_path):
+    s = make_settings([*TINY, "privacy=none", "num_clients=1", "rounds=3", "evaluation.ema=0.5"])
+    run = RunDirectory(tmp_path)
+    lines, final = run_rounds(
+        _ScriptedFederation(initial_weights(s)), s, load_splits(s.data, s.seed), run, PrivacyLedger(delta=0.0), lambda line: None
+    )
+    expected = 0.5 * (0.5 * 1 + 0.5 * 2) + 0.5 * 3  # ema_1 = w_1, ema_r = d·ema_{r−1} + (1 − d)·w_r
+    assert all(torch.allclose(v, torch.full_like(v, expected)) for v in final.values())
+    assert _close(torch.load(tmp_path / "model.pt"), final)  # the saved model is the average
+    assert len(lines) == 3
+    with pytest.raises(FedprivError, match="evaluation.ema"):
+        make_settings([*TINY, "evaluation.ema=1.0"])
+
+
+def test_ema_update_copies_first_and_keeps_integer_entries_newest():
+    first = {"w": torch.tensor([2.0]), "n": torch.tensor(1)}
+    average = update_average(None, first, 0.9)
+    first["w"] += 1  # the average is a copy
+    average = update_average(average, {"w": torch.tensor([12.0]), "n": torch.tensor(5)}, 0.9)
+    assert average["w"].item() == pytest.approx(0.9 * 2 + 0.1 * 12) and average["n"].item() == 5
+
+
+# --- external test folders -----------------------------------------------------------------
+
+
+def _folder_settings(root, external, extra=()):
+    listed = "[" + ",".join(str(p) for p in external) + "]"
+    return make_settings(["data=cbis_ddsm", f"data.root={root}", "data.image_size=32", f"data.external_test={listed}", *extra])
+
+
+def test_external_test_folders_are_read_like_the_data_and_evaluated_by_name(tmp_path):
+    root = write_cbis_like(tmp_path / "cbis", {"train": 6, "val": 3, "test": 3})
+    for name, n in (("site_a", 4), ("site_b", 5)):
+        write_class_folder(tmp_path / "ext" / name, CBIS_CLASSES, n, first_patient=1000)
+    s = _folder_settings(root, [tmp_path / "ext" / "site_a", tmp_path / "ext" / "site_b"], ["num_clients=1"])
+    splits = load_splits(s.data, s.seed)
+    assert {k: len(v) for k, v in splits.external.items()} == {"site_a": 8, "site_b": 10}
+    assert splits.external["site_b"].labels.sum() == 5 and splits.external["site_a"].images.shape[-1] == 32
+    line = evaluate(s, initial_weights(s), splits)
+    assert set(line["external"]) == {"site_a", "site_b"}
+    assert 0 <= line["external"]["site_a"]["auroc"] <= 1 and "accuracy" in line["external"]["site_b"]
+
+
+def test_external_test_folder_problems_name_the_key(tmp_path):
+    root = write_cbis_like(tmp_path / "cbis", {"train": 2, "val": 1, "test": 1})
+    with pytest.raises(FedprivError, match="data.external_test"):
+        load_splits(_folder_settings(root, [tmp_path / "missing"]).data, 0)
+    with pytest.raises(FedprivError, match="data.external_test"):
+        _folder_settings(root, [tmp_path / "a" / "same", tmp_path / "b" / "same"])
