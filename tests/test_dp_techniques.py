@@ -166,7 +166,7 @@ class _ScriptedFederation:
     def __init__(self, template: dict) -> None:
         self.template = template
 
-    def describe_hospitals(self) -> dict:
+    def describe_hospitals(self, hospitals=None) -> dict:
         return {0: {"num_examples": 1}}
 
     def train_round(self, server_round, weights, config, seed) -> RoundOutcome:
