@@ -5,7 +5,7 @@ may change float reductions, so both runs here use one thread per hospital.)"""
 
 import json
 
-from conftest import TINY, make_settings
+from conftest import SAMPLED_LOCAL_CENTRAL, make_settings
 from fedpriv.experiment import run_experiment
 
 TIMING = ("seconds", "train_seconds", "client_seconds")
@@ -18,10 +18,12 @@ def _lines(run_dir):
     ]
 
 
-def test_same_seed_same_results_with_one_or_several_concurrent_hospitals(tmp_path):
-    base = [*TINY, "num_clients=4", "rounds=2", "strategy.clients_per_round=3", "privacy=local_central"]
-    one = run_experiment(make_settings([*base, "+backend.init_args.num_cpus=1"]), tmp_path / "one")  # one at a time
-    many = run_experiment(make_settings([*base, "backend.client_resources.num_cpus=0.5"]), tmp_path / "many")
-    assert _lines(tmp_path / "one") == _lines(tmp_path / "many")
+def test_same_seed_same_results_with_one_or_several_concurrent_hospitals(tmp_path, sampled_local_central_run):
+    many_dir, many = sampled_local_central_run  # 2 CPUs, 1 per hospital: two train at once
+    backend = many["settings"]["backend"]
+    assert dict(backend["init_args"])["num_cpus"] == 2 and dict(backend["client_resources"])["num_cpus"] == 1
+    one_cpu = [o for o in SAMPLED_LOCAL_CENTRAL if not o.startswith("+backend.init_args.num_cpus=")]
+    one = run_experiment(make_settings([*one_cpu, "+backend.init_args.num_cpus=1"]), tmp_path / "one")  # one at a time
+    assert _lines(tmp_path / "one") == _lines(many_dir)
     assert one["test"] == many["test"] and one["privacy"] == many["privacy"] and one["test_ci95"] == many["test_ci95"]
-    assert len({tuple(line["hospitals_trained"]) for line in _lines(tmp_path / "one")}) > 1  # sampling varied by round
+    assert len({tuple(line["hospitals_trained"]) for line in _lines(many_dir)}) > 1  # sampling varied by round

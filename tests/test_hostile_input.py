@@ -161,8 +161,12 @@ def test_extreme_configs_stop_before_training_with_one_clear_error(overrides):
             prepare(run_settings)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("overrides", [EXTREME[0], EXTREME[3]])
 def test_extreme_configs_through_the_cli_stop_with_one_line(tmp_path, overrides):
+    """Slow: these configs stop with a FedprivError (default: test_extreme_configs_stop_before_training_with_one_clear_error),
+    and the CLI turns a FedprivError from validation or from preparation into one line, exit
+    status 2, no traceback, no result (default: test_bad_input.test_cli_stops_with_one_line_and_no_result)."""
     run_dir = tmp_path / "run"
     proc = subprocess.run(
         [sys.executable, "-m", "fedpriv.simulate", *overrides, f"hydra.run.dir={run_dir}"],

@@ -11,18 +11,20 @@ from fedpriv.report import auroc_drops, find_runs, group_settings, main, run_rec
 
 
 @pytest.fixture(scope="module")
-def sweep(tmp_path_factory):
+def sweep(tmp_path_factory, central_baseline_run):
+    """The folders the report reads: two local-DP runs differing only by seed, and the
+    non-private run of the same setting and seed 0 (conftest.CENTRAL_BASELINE, shared)."""
     root = tmp_path_factory.mktemp("sweep")
-    for i, (seed, privacy) in enumerate(((0, "privacy.target_epsilon=4"), (1, "privacy.target_epsilon=4"), (0, "privacy=none"))):
-        overrides = [*TINY, "num_clients=1", "rounds=1", privacy, f"seed={seed}", "audit=mia"]
-        run_experiment(make_settings(overrides), root / str(i))
+    for seed in (0, 1):
+        overrides = [*TINY, "num_clients=1", "privacy.target_epsilon=4", f"seed={seed}", "audit=mia"]
+        run_experiment(make_settings(overrides), root / str(seed))
     (root / "broken").mkdir()  # an unfinished run: no summary.json, not reported
     (root / "broken" / "metrics.jsonl").write_text("")
-    return root
+    return [root, central_baseline_run[0]]
 
 
 def test_runs_differing_by_seed_form_one_setting(sweep):
-    records = [run_record(r) for r in find_runs([sweep])]
+    records = [run_record(r) for r in find_runs(sweep)]
     assert len(records) == 3 and {r["seed"] for r in records} == {0, 1}
     rows = table_rows(group_settings(records))
     dp, plain = sorted(rows, key=lambda row: row["privacy"])  # local, none
@@ -35,7 +37,7 @@ def test_runs_differing_by_seed_form_one_setting(sweep):
 
 
 def test_cli_writes_tables_and_plots(sweep, tmp_path):
-    assert main([str(sweep), "--out", str(tmp_path / "report")]) == 0
+    assert main([*map(str, sweep), "--out", str(tmp_path / "report")]) == 0
     names = ("report.md", "report.csv", "auroc_vs_epsilon.png", "fairness_vs_epsilon.png", "learning_curves.png", "audit_vs_epsilon.png")
     for name in names:
         assert (tmp_path / "report" / name).stat().st_size > 0

@@ -9,15 +9,13 @@ import time
 
 import pytest
 
-from conftest import ROOT, make_settings
+from conftest import ROOT, SAMPLED_LOCAL_CENTRAL, make_settings
 from fedpriv.errors import FedprivError
 from fedpriv.experiment import run_experiment
 
-RUN = [
-    "data.num_patients=60", "data.images_per_patient=1", "data.image_size=32", "rounds=3", "local_epochs=1",
-    "training.batch_size=8", "num_clients=3", "strategy.clients_per_round=2", "evaluation.bootstrap=20",
-    "strategy=fedadam", "privacy=local_central",
-]
+#: Sampling, central noise, a server optimiser and adaptive clipping: every piece of server
+#: state a checkpoint must carry (see conftest.SAMPLED_LOCAL_CENTRAL).
+RUN = SAMPLED_LOCAL_CENTRAL
 TIMING = ("seconds", "train_seconds", "client_seconds")
 
 
@@ -42,11 +40,9 @@ def _comparable(lines):
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("whole")
-    proc = _simulate([*RUN, f"hydra.run.dir={run_dir}"])
-    assert proc.wait(timeout=600) == 0, proc.stderr.read()[-3000:]
-    return run_dir
+def uninterrupted(sampled_local_central_run):
+    """The same config run start to finish without a kill (shared with other test files)."""
+    return sampled_local_central_run[0]
 
 
 KILL_POINTS = [(0, 3.0), (1, 0.8), (1, 2.5), (2, 0.0), (2, 1.2)]  # (rounds logged, then seconds)
