@@ -619,10 +619,11 @@ def _build(kind: type, raw: dict, group: str) -> Any:
         expected = names[name].type
         if expected in ("int", "float") and (isinstance(value, bool) or not isinstance(value, (int, float))):
             raise FedprivError(f"{group}.{name}={value!r} must be a number")
-        if expected == "bool" and not isinstance(value, bool):
+        if expected.startswith("bool") and not isinstance(value, bool) and not (value is None and "None" in expected):
             raise FedprivError(f"{group}.{name}={value!r} must be true or false")
-        if expected == "int" and isinstance(value, float):
-            raise FedprivError(f"{group}.{name}={value!r} must be an integer")
+        if expected.startswith("int") and value is not None:  # also `int | None`
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise FedprivError(f"{group}.{name}={value!r} must be an integer")
         if expected.startswith("float") and value is not None:
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise FedprivError(f"{group}.{name}={value!r} must be a number")
