@@ -248,7 +248,9 @@ def test_membership_audit_finds_leakage_without_dp_and_none_beyond_epsilon_1(tmp
         assert sum(h["n_members"] for h in audit["hospitals"].values()) == audit["pooled"]["n_members"]
         assert audit["pooled"]["n_nonmembers"] == 180  # validation + test patients
     written = json.loads((tmp_path / "none" / "summary.json").read_text())["audit"]
-    assert written["accounted_epsilon"] is None and written["pooled"] == leaky["pooled"]
+    # JSON has no infinity: an unbounded ε is written "inf" (never null, which reads as "no value")
+    assert written["accounted_epsilon"] == "inf" and float(written["accounted_epsilon"]) == math.inf
+    assert written["pooled"] == leaky["pooled"]
 
 
 def test_injected_crashes_and_hangs_complete_rounds_and_keep_the_privacy_spent(tmp_path):
