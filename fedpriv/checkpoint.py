@@ -1,6 +1,7 @@
 """The server's checkpoint after every round: everything a killed run needs to continue.
 
-Global weights (and their moving average under evaluation.ema), the strategy (its optimiser moments and clipping norm included), the
+Global weights (their moving average under evaluation.ema, the best validation round's
+model under evaluation.select=best_val), the strategy (its optimiser moments and clipping norm included), the
 ledger, the metrics so far and the RNG states the server draws from (numpy: central-DP
 noise; Python: client sampling). Hospitals keep their own privacy state on their own disk
 (fedpriv.privacy.hospital_state). Written to a temporary file and renamed, so a kill while
@@ -34,12 +35,13 @@ class Checkpoint:
     python_rng: tuple
     settings: dict  # the run's settings (asdict), to refuse resuming with another config
     ema: dict[str, torch.Tensor] | None = None  # the moving average of the weights (evaluation.ema)
+    selected: dict | None = None  # evaluation.select=best_val: {round, val_auroc, weights} of the best round so far
 
     @classmethod
-    def capture(cls, server_round: int, weights, lines, ledger: dict, strategy, settings: dict, ema=None) -> Checkpoint:
+    def capture(cls, server_round: int, weights, lines, ledger: dict, strategy, settings: dict, ema=None, selected=None) -> Checkpoint:
         return cls(
             server_round, weights, list(lines), ledger, pickle.dumps(strategy),
-            np.random.get_state(), random.getstate(), settings, ema,
+            np.random.get_state(), random.getstate(), settings, ema, selected,
         )
 
     def restore_rngs(self) -> None:

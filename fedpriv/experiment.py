@@ -70,7 +70,7 @@ def run_experiment(
     result: dict = {}
 
     def server_main(federation) -> None:
-        result["lines"], result["weights"] = run_rounds(federation, settings, splits, run, ledger, on_round, checkpoint)
+        result["lines"], result["weights"], result["final"] = run_rounds(federation, settings, splits, run, ledger, on_round, checkpoint)
 
     timeout = settings.faults.client_timeout
     run_federation(
@@ -85,7 +85,7 @@ def run_experiment(
     run.plot_rounds(lines)
     run.plot_privacy_utility(lines)
     intervals = final_intervals(settings, result["weights"], splits)
-    summary = make_summary(settings, lines, ledger, table, intervals, time.perf_counter() - started, splits.skipped)
+    summary = make_summary(settings, lines, result["final"], ledger, table, intervals, time.perf_counter() - started, splits.skipped)
     if settings.synthetic.enabled:
         summary["synthetic"] = synthetic_summary(settings, run.path, splits, result["weights"])
     if settings.audit.name == "mia":
@@ -260,14 +260,15 @@ def synthetic_summary(settings: RunSettings, run_dir: Path, splits: SplitData, w
 def make_summary(
     settings: RunSettings,
     lines: list[dict],
+    final: dict,
     ledger: PrivacyLedger,
     table: list[dict],
     intervals: dict,
     wall: float,
     skipped: tuple[str, ...],
 ) -> dict:
-    """The summary.json payload (schema in README)."""
-    final = lines[-1]
+    """The summary.json payload (schema in README); `final` is the final model's evaluation
+    (its round under `round`)."""
     utility_keys = ("auroc", "auprc", "accuracy", "sensitivity", "specificity")
     hospitals = [row["hospital"] for row in table]
     privacy: dict = {"mode": settings.privacy.mode}
@@ -316,6 +317,7 @@ def make_summary(
         "fairness": final["fairness"],
         "val": {k: final[f"val_{k}"] for k in utility_keys},
         "external": {name: {k: m[k] for k in utility_keys} for name, m in (final["external"] or {}).items()} or None,
+        "selection": {"rule": settings.evaluation.select, "round": final["round"]},
         "privacy": privacy,
         "num_clients": settings.num_clients,
         "rounds": settings.rounds,

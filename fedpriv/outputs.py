@@ -88,10 +88,13 @@ class RunDirectory:
         plt = _pyplot()
         eps = [line[key] for line in lines]
         fig, ax = plt.subplots(figsize=(5, 3.5))
-        ax.plot(eps, [line["auroc"] for line in lines], "o-", label="test")
+        tested = lines[0]["auroc"] is not None  # evaluation.select=best_val: validation only
+        if tested:
+            ax.plot(eps, [line["auroc"] for line in lines], "o-", label="test")
         ax.plot(eps, [line["val_auroc"] for line in lines], "s--", label="val")
         for line, x in zip(lines, eps):
-            ax.annotate(str(line["round"]), (x, line["auroc"]), textcoords="offset points", xytext=(3, 3), fontsize=7)
+            y = line["auroc"] if tested else line["val_auroc"]
+            ax.annotate(str(line["round"]), (x, y), textcoords="offset points", xytext=(3, 3), fontsize=7)
         ax.set_xlabel("record-level ε (max over hospitals)" if key == "max_epsilon" else "client-level ε")
         ax.set_ylabel("AUROC")
         ax.legend(title="split")
@@ -103,7 +106,8 @@ class RunDirectory:
 
         rounds = [line["round"] for line in lines]
         fig, ax = plt.subplots(figsize=(6, 3.5))
-        ax.plot(rounds, [line["auroc"] for line in lines], "o-", label="test AUROC")
+        if lines and lines[0]["auroc"] is not None:  # evaluation.select=best_val: validation only
+            ax.plot(rounds, [line["auroc"] for line in lines], "o-", label="test AUROC")
         ax.plot(rounds, [line["val_auroc"] for line in lines], "s--", label="val AUROC")
         ax.set_xlabel("round")
         ax.set_ylabel("AUROC")

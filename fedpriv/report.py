@@ -75,9 +75,17 @@ def run_record(run: Path) -> dict:
         "tstr_auroc": _num(summary.get("synthetic", {}).get("tstr_auroc")),
         "audit_auroc": _num(summary.get("audit", {}).get("pooled", {}).get("attack_auroc")),
         "audit_epsilon": _num(summary.get("audit", {}).get("pooled", {}).get("epsilon_lower_bound_ci")),
-        "curve": [(m["round"], _num(m["auroc"])) for m in metrics],
+        **_curve(metrics),
         "external": {name: _num(m["auroc"]) for name, m in (summary.get("external") or {}).items()},
     }
+
+
+def _curve(metrics: list[dict]) -> dict:
+    """AUROC per round on the test split, or on the validation split for runs that left the
+    test split for the selected model alone (evaluation.select=best_val)."""
+    split = "test" if metrics and metrics[0]["auroc"] is not None else "val"
+    key = "auroc" if split == "test" else "val_auroc"
+    return {"curve_split": split, "curve": [(m["round"], _num(m[key])) for m in metrics]}
 
 
 def group_settings(records: list[dict]) -> dict[tuple, list[dict]]:
@@ -230,9 +238,11 @@ def plot_report(rows: list[dict], records: list[dict], out: Path) -> list[Path]:
     for record in records:
         rounds, aurocs = zip(*record["curve"]) if record["curve"] else ((), ())
         eps = "∞" if not math.isfinite(record["epsilon"]) else f"{record['epsilon']:g}"
-        ax.plot(rounds, aurocs, alpha=0.7, label=f"ε={eps} seed={record['seed']} K={record['num_clients']}")
+        ax.plot(rounds, aurocs, "-" if record["curve_split"] == "test" else "--", alpha=0.7,
+                label=f"ε={eps} seed={record['seed']} K={record['num_clients']}")
     ax.set_xlabel("round")
-    ax.set_ylabel("test AUROC")
+    splits = sorted({record["curve_split"] for record in records})
+    ax.set_ylabel({("test",): "test AUROC", ("val",): "validation AUROC"}.get(tuple(splits), "AUROC (solid: test, dashed: validation)"))
     if len(records) <= 12:
         ax.legend(fontsize=6)
     fig.tight_layout()

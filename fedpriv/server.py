@@ -55,12 +55,15 @@ def fairness_attributes(settings: RunSettings, splits: SplitData) -> list[tuple[
     return [*settings.data.fairness_attributes, *extra]
 
 
-def evaluate(settings: RunSettings, weights: dict, splits: SplitData) -> dict:
+def evaluate(settings: RunSettings, weights: dict, splits: SplitData, test: bool = True) -> dict:
     """Test metrics (plain names), validation metrics (`val_` prefix) and, per fairness
-    attribute, subgroup metrics and gaps on the test split, for the global model."""
+    attribute, subgroup metrics and gaps on the test split, for the global model.
+    `test=False`: the validation metrics alone (test, fairness and external keys are None)."""
     model, batch = global_model(settings, weights), settings.training.eval_batch_size
-    scores = predict(model, splits.test, batch)
     val = binary_metrics(splits.val.labels, predict(model, splits.val, batch))
+    if not test:
+        return {**dict.fromkeys(val), **{f"val_{k}": v for k, v in val.items()}, "fairness": None, "external": None}
+    scores = predict(model, splits.test, batch)
     fairness = {
         name: fairness_report(splits.test.labels, scores, subgroup_labels(splits.test.metadata[name], list(edges)))
         for name, edges in fairness_attributes(settings, splits)
@@ -98,15 +101,18 @@ def run_rounds(
     ledger: PrivacyLedger,
     on_round: Callable[[dict], None],
     resume_from: Checkpoint | None = None,
-) -> tuple[list[dict], dict[str, torch.Tensor]]:
+) -> tuple[list[dict], dict[str, torch.Tensor], dict]:
     """All rounds (after `resume_from`'s, when given); returns the metrics lines (also
-    appended to metrics.jsonl as they come) and the final model: the global weights, or
-    their moving average under evaluation.ema. A checkpoint is written after every round."""
+    appended to metrics.jsonl as they come), the final model and its evaluation (with the
+    round it comes from). The final model is the global weights, or their moving average
+    under evaluation.ema, of the last round or, under evaluation.select=best_val, of the
+    round with the best validation AUROC. A checkpoint is written after every round."""
     np.random.seed(settings.seed)  # Flower's central-DP wrappers draw noise from numpy's global RNG
-    weights, lines, first_round, average = initial_weights(settings), [], 1, None
+    weights, lines, first_round, average, selected = initial_weights(settings), [], 1, None, None
+    select_on_val = settings.evaluation.select == "best_val"
     if resume_from is not None:
         weights, lines, first_round = resume_from.weights, list(resume_from.lines), resume_from.round + 1
-        average = resume_from.ema
+        average, selected = resume_from.ema, resume_from.selected
         federation.strategy = pickle.loads(resume_from.strategy)
         resume_from.restore_rngs()
     hospitals = _sync_ledger(ledger, settings, federation.describe_hospitals())
@@ -151,9 +157,10 @@ def run_rounds(
             log.warning("round %d: not every sampled hospital replied; under central DP the round is not released", server_round)
         train_seconds = time.perf_counter() - started
         epsilons = {str(h): ledger.epsilon(h) for h in hospitals} if settings.privacy.local else None
+        current = _final(weights, average)
         line = {
             "round": server_round,
-            **evaluate(settings, _final(weights, average), splits),
+            **evaluate(settings, current, splits, test=not select_on_val),
             "train_loss": _weighted_mean(outcome.trained, "train_loss"),
             "epsilon": epsilons,
             "max_epsilon": max(epsilons.values()) if epsilons else None,
@@ -169,16 +176,28 @@ def run_rounds(
         run.append_metrics(line)
         on_round(line)
         lines.append(line)
+        if select_on_val and _better(line["val_auroc"], selected):
+            selected = {"round": server_round, "val_auroc": line["val_auroc"], "weights": {k: v.clone() for k, v in current.items()}}
         Checkpoint.capture(
-            server_round, weights, lines, ledger.to_dict(hospitals), federation.strategy, run_settings_dict(settings), average
+            server_round, weights, lines, ledger.to_dict(hospitals), federation.strategy, run_settings_dict(settings),
+            average, selected,
         ).save(run.path)
     # Hospitals that trained and then failed have spent privacy the server never heard of;
     # every other one reported its whole record with its reply (resumes: at discovery).
     _sync_ledger(ledger, settings, federation.describe_hospitals(_failed_hospitals(lines)))
-    final = _final(weights, average)
+    if selected is not None:  # the test split's one evaluation, for the chosen model
+        final, evaluation = selected["weights"], {"round": selected["round"], **evaluate(settings, selected["weights"], splits)}
+    else:  # select=last, or no round had a defined validation AUROC
+        final = _final(weights, average)
+        evaluation = lines[-1] if not select_on_val else {"round": lines[-1]["round"], **evaluate(settings, final, splits)}
     run.save_weights(final)
     ledger.save(run.path / "ledger.json", hospitals)
-    return lines, final
+    return lines, final, evaluation
+
+
+def _better(val_auroc: float, selected: dict | None) -> bool:
+    """Whether this round's validation AUROC beats the selected round's (ties keep the earlier)."""
+    return not math.isnan(val_auroc) and (selected is None or val_auroc > selected["val_auroc"])
 
 
 def _final(weights: dict[str, torch.Tensor], average: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:

@@ -201,11 +201,16 @@ class EvaluationSettings:
     per-hospital test subgroups only up to `max_hospital_subgroups` hospitals (beyond, a
     hospital's share of the test split is a handful of patients: noise, not a metric);
     `ema`: null, or the decay of an exponential average of the global weights over rounds,
-    which is then the model evaluated and saved (post-processing: no privacy cost)."""
+    which is then the model evaluated and saved (post-processing: no privacy cost);
+    `select`: `last` evaluates the test split every round and keeps the last model;
+    `best_val` evaluates only the validation split each round, keeps the model of the round
+    with the best validation AUROC and touches the test split once, for that model (the ε
+    reported is still everything the run spent)."""
 
     bootstrap: int
     max_hospital_subgroups: int
     ema: float | None
+    select: str
 
 
 @dataclass(frozen=True)
@@ -219,6 +224,7 @@ class AuditSettings:
 
 
 AUDITS = ("none", "mia")
+SELECTIONS = ("last", "best_val")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -467,6 +473,7 @@ def validate(s: RunSettings) -> None:
     )
     ema = s.evaluation.ema
     _require(ema is None or 0 < ema < 1, f"evaluation.ema={ema} must be a decay strictly between 0 and 1 (or null: no average)")
+    _require(s.evaluation.select in SELECTIONS, f"evaluation.select={s.evaluation.select!r} must be one of {', '.join(SELECTIONS)}")
     _require(16 <= s.data.image_size <= 1024, f"data.image_size={s.data.image_size} must be between 16 and 1024")
     d = s.data
     if isinstance(d, PhantomDataSettings):

@@ -120,7 +120,8 @@ def main(cfg: DictConfig) -> None:
             def on_round(line: dict) -> None:
                 eps = f" ε={line['max_epsilon']:.2f}" if line["max_epsilon"] is not None else ""
                 eps += f" client ε={line['client_epsilon']:.2f}" if line["client_epsilon"] is not None else ""
-                progress.update(task, advance=1, description=f"test AUROC={line['auroc']:.3f}{eps}")
+                split, auroc = ("test", line["auroc"]) if line["auroc"] is not None else ("val", line["val_auroc"])
+                progress.update(task, advance=1, description=f"{split} AUROC={auroc:.3f}{eps}")
 
             summary = run_experiment(settings, run_dir, on_round, lambda t: progress.console.print(partition_table(t)))
     except FedprivError as error:

@@ -20,6 +20,7 @@ from fedpriv.outputs import RunDirectory
 from fedpriv.privacy.engine import make_private
 from fedpriv.privacy.ledger import PrivacyLedger
 from fedpriv.schedule import follow_schedule
+from fedpriv import server
 from fedpriv.server import evaluate, initial_weights, run_rounds
 from fedpriv.training import RecordDataset, train_epochs
 
@@ -177,7 +178,7 @@ class _ScriptedFederation:
 def test_ema_model_is_the_exponential_average_of_the_round_weights(tmp_path):
     s = make_settings([*TINY, "privacy=none", "num_clients=1", "rounds=3", "evaluation.ema=0.5"])
     run = RunDirectory(tmp_path)
-    lines, final = run_rounds(
+    lines, final, _ = run_rounds(
         _ScriptedFederation(initial_weights(s)), s, load_splits(s.data, s.seed), run, PrivacyLedger(delta=0.0), lambda line: None
     )
     expected = 0.5 * (0.5 * 1 + 0.5 * 2) + 0.5 * 3  # ema_1 = w_1, ema_r = d·ema_{r−1} + (1 − d)·w_r
@@ -186,6 +187,37 @@ def test_ema_model_is_the_exponential_average_of_the_round_weights(tmp_path):
     assert len(lines) == 3
     with pytest.raises(FedprivError, match="evaluation.ema"):
         make_settings([*TINY, "evaluation.ema=1.0"])
+
+
+class _RandomModelsFederation(_ScriptedFederation):
+    """Round r releases a freshly initialised model (seed r): validation AUROC differs by round."""
+
+    def train_round(self, server_round, weights, config, seed) -> RoundOutcome:
+        torch.manual_seed(server_round)
+        released = {k: torch.randn_like(v) if v.is_floating_point() else v for k, v in self.template.items()}
+        return RoundOutcome(trained={0: {"train_loss": 0.0, "num-examples": 1, "seconds": 0.0}}, weights=released)
+
+
+def test_best_val_selection_keeps_the_best_validation_round_and_scores_the_test_split_once(tmp_path, monkeypatch):
+    s = make_settings([*TINY, "privacy=none", "num_clients=1", "rounds=4", "evaluation.select=best_val"])
+    splits = load_splits(s.data, s.seed)
+    scored = []
+    real_predict = server.predict
+    monkeypatch.setattr(server, "predict", lambda model, records, batch: scored.append(records) or real_predict(model, records, batch))
+    federation = _RandomModelsFederation(initial_weights(s))
+    lines, final, evaluation = run_rounds(federation, s, splits, RunDirectory(tmp_path), PrivacyLedger(delta=0.0), lambda line: None)
+
+    assert all(line["auroc"] is None and line["fairness"] is None for line in lines)  # no test metric per round
+    assert sum(records is splits.test for records in scored) == 1  # once, for the chosen model
+    val = [line["val_auroc"] for line in lines]
+    assert len(set(val)) > 1  # the rounds really differ, so the choice is not trivially the last
+    best = val.index(max(val))
+    assert evaluation["round"] == lines[best]["round"] and evaluation["val_auroc"] == max(val)
+    assert _close(final, federation.train_round(best + 1, None, None, None).weights)
+    assert _close(torch.load(tmp_path / "model.pt"), final)  # the saved model is the chosen one
+    assert evaluation["auroc"] == pytest.approx(evaluate(s, final, splits)["auroc"])
+    with pytest.raises(FedprivError, match="evaluation.select"):
+        make_settings([*TINY, "evaluation.select=best_test"])
 
 
 def test_ema_update_copies_first_and_keeps_integer_entries_newest():

@@ -106,7 +106,7 @@ def test_after_discovery_the_server_asks_only_hospitals_that_failed(tmp_path):
     settings = make_settings([*TINY, *MANY, "privacy=none", "rounds=3"])
     federation = FakeFederation(settings.num_clients, initial_weights(settings))
     splits = load_splits(settings.data, settings.seed)
-    lines, _ = run_rounds(federation, settings, splits, RunDirectory(tmp_path), PrivacyLedger(delta=0.0), lambda line: None)
+    lines, _, _ = run_rounds(federation, settings, splits, RunDirectory(tmp_path), PrivacyLedger(delta=0.0), lambda line: None)
     assert len(lines) == 3
     assert federation.queries == [list(range(100)), [3]]  # discovery once, then only the failed one
 
