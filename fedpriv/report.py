@@ -24,7 +24,8 @@ from fedpriv.errors import FedprivError
 
 #: What makes two runs the same setting (everything that is not the seed).
 SETTING_KEYS = (
-    "data", "model", "privacy", "epsilon", "client_epsilon", "synthetic", "num_clients", "strategy", "partition", "rounds"
+    "data", "model", "privacy", "epsilon", "client_epsilon", "synthetic", "num_clients", "strategy", "partition", "rounds",
+    "training",
 )
 UTILITY = ("auroc", "auprc", "accuracy", "sensitivity", "specificity")
 
@@ -72,6 +73,7 @@ def run_record(run: Path) -> dict:
             for name, report in (summary.get("fairness") or {}).items()
         },
         "synthetic": _synthetic_setting(settings.get("synthetic", {"name": "none"})),
+        "training": _training_setting(settings),
         "tstr_auroc": _num(summary.get("synthetic", {}).get("tstr_auroc")),
         "audit_auroc": _num(summary.get("audit", {}).get("pooled", {}).get("attack_auroc")),
         "audit_epsilon": _num(summary.get("audit", {}).get("pooled", {}).get("epsilon_lower_bound_ci")),
@@ -204,6 +206,9 @@ def plot_report(rows: list[dict], records: list[dict], out: Path) -> list[Path]:
     series = defaultdict(list)
     for row in rows:
         series[tuple(row[k] for k in SETTING_KEYS if k != "epsilon")].append(row)
+    keys = [k for k in SETTING_KEYS if k != "epsilon"]
+    # a series is labelled by what tells it apart from the others (privacy mode when nothing does)
+    labelled = [k for i, k in enumerate(keys) if k != "client_epsilon" and len({key[i] for key in series}) > 1] or ["privacy"]
     written = []
     for name, metric, ylabel in (
         ("auroc_vs_epsilon.png", "auroc", "test AUROC"),
@@ -213,8 +218,7 @@ def plot_report(rows: list[dict], records: list[dict], out: Path) -> list[Path]:
         for key, points in series.items():
             points = sorted(points, key=lambda r: r["epsilon"])
             finite = [p for p in points if math.isfinite(p["epsilon"])]
-            label = ", ".join(f"{k}={v}" for k, v in zip([k for k in SETTING_KEYS if k != "epsilon"], key)
-                              if k in ("privacy", "num_clients", "strategy", "model"))
+            label = ", ".join(f"{k}={v}" for k, v in zip(keys, key) if k in labelled)
             metrics = [metric] if metric else sorted({m[: -len(".spd")] for p in points for m in p if m.endswith(".spd")})
             for m in metrics:
                 column = metric or f"{m}.spd"
@@ -293,6 +297,18 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"{len(records)} runs, {len(rows)} settings → " + ", ".join(str(p) for p in written))
     return 0
+
+
+def _training_setting(settings: dict) -> str:
+    """The DP-training techniques of a run in one cell, e.g. `sgd lr=0.2 cosine K=4 ema=0.6 best_val`
+    (runs that differ in any of them are different settings)."""
+    training, evaluation = settings["training"], settings["evaluation"]
+    ema = evaluation.get("ema")
+    return " ".join([
+        f"{training['optimizer']} lr={training['lr']:g}", training.get("lr_schedule", "constant"),
+        f"K={training.get('augmentations', 1)}", f"ema={ema:g}" if ema is not None else "no-ema",
+        evaluation.get("select", "last"),
+    ])
 
 
 def _synthetic_setting(synthetic: dict) -> str:

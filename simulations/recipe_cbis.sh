@@ -1,17 +1,33 @@
 #!/usr/bin/env bash
-# Study: see configs/experiment/recipe_cbis.yaml. The ε grid × seeds for the central baseline
-# (num_clients=1, batch 221: q = 0.2) and 3 hospitals (batch 74: q ≈ 0.2 each), the
-# non-private reference for both, then one report over all runs (OUT/report/).
+# Study (issue #6): the DP recipe of configs/experiment/recipe_cbis.yaml on the CBIS-DDSM patches.
+# 1. The ε grid × seeds, central (num_clients=1, batch 221: q = 0.2) and 3 hospitals (batch 74:
+#    q ≈ 0.2 each), each with its non-private reference → OUT/central/, OUT/federated/.
+# 2. Ablations, central at ε = ABLATION_EPSILON: the recipe with one technique changed
+#    → OUT/ablation/<name>/.
+# 3. One report over every run → OUT/report/ (the techniques of a row in its `training` column).
 # Usage: bash simulations/recipe_cbis.sh [OUT] [extra Hydra overrides, e.g. rounds=2]
-#   FEDERATIONS="central" (default "central federated") runs a part of the study.
+#   Parts: FEDERATIONS (default "central federated"), ABLATIONS (default: all below; "" = none),
+#   EPSILONS (default 1,6,12,20,60), SEEDS (default 0,1,2), ABLATION_EPSILON (default 6).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source simulations/_sweep.sh
 OUT=${1:-studies/recipe_cbis}
 shift || true
 declare -A SETTING=([central]="num_clients=1 training.batch_size=221" [federated]="num_clients=3 training.batch_size=74")
-for federation in ${FEDERATIONS:-central federated}; do
+declare -A ABLATION=(
+  [augmult4]="training.augmentations=4"
+  [no_ema]="evaluation.ema=null"
+  [constant_lr]="training.lr_schedule=constant"
+  [vit_hybrid]="model=vit_hybrid_tiny training.optimizer=adamw training.lr=0.02"  # the project default model and its DP optimizer
+  [synthetic_pretrain]="synthetic=pretrain"
+)
+for federation in ${FEDERATIONS-central federated}; do
   # shellcheck disable=SC2086  # the setting is a list of overrides
   sweep recipe_cbis "$OUT/$federation" "${EPSILONS:-1,6,12,20,60}" "${SEEDS:-0,1,2}" ${SETTING[$federation]} "$@"
+done
+for name in ${ABLATIONS-augmult4 no_ema constant_lr vit_hybrid synthetic_pretrain}; do
+  # shellcheck disable=SC2086
+  python -m fedpriv.simulate -m +experiment=recipe_cbis "privacy.target_epsilon=${ABLATION_EPSILON:-6}" "seed=${SEEDS:-0,1,2}" \
+    ${SETTING[central]} ${ABLATION[$name]} "hydra.sweep.dir=$OUT/ablation/$name" "$@"
 done
 python -m fedpriv.report "$OUT" --out "$OUT/report"

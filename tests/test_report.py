@@ -48,7 +48,7 @@ def test_cli_writes_tables_and_plots(sweep, tmp_path):
 def _record(privacy, seed, groups):
     return {"data": "d", "model": "m", "privacy": privacy, "epsilon": 1.0 if privacy != "none" else math.inf,
             "client_epsilon": math.inf, "synthetic": "none", "num_clients": 2, "strategy": "fedavg", "partition": "iid", "rounds": 3,
-            "seed": seed, "groups": {"age": groups}}
+            "training": "sgd lr=0.2 cosine K=1 ema=0.6 best_val", "seed": seed, "groups": {"age": groups}}
 
 
 def test_auroc_drop_pairs_each_dp_run_with_its_non_private_twin():
@@ -62,6 +62,19 @@ def test_auroc_drop_pairs_each_dp_run_with_its_non_private_twin():
     assert drops == [pytest.approx((0.05, 40, 0.8)), pytest.approx((0.3, 10, 0.9))]
     records += [_record("local", 0, {"mid": (0.5, 20)}) | {"strategy": "fedprox"}]  # twin differs: left out
     assert len(auroc_drops(records)) == 2
+
+
+def test_runs_that_differ_only_in_a_training_technique_are_separate_settings():
+    from fedpriv.report import _training_setting, group_settings
+
+    settings = {"training": {"optimizer": "sgd", "lr": 0.2, "lr_schedule": "cosine", "augmentations": 4},
+                "evaluation": {"ema": 0.6, "select": "best_val"}}
+    assert _training_setting(settings) == "sgd lr=0.2 cosine K=4 ema=0.6 best_val"
+    settings["evaluation"]["ema"] = None
+    assert _training_setting(settings) == "sgd lr=0.2 cosine K=4 no-ema best_val"
+    records = [_record("local", seed, {}) for seed in (0, 1)]
+    records += [_record("local", seed, {}) | {"training": "sgd lr=0.2 constant K=1 ema=0.6 best_val"} for seed in (0, 1)]
+    assert sorted(len(runs) for runs in group_settings(records).values()) == [2, 2]
 
 
 def test_folder_without_runs_is_a_clear_error(tmp_path, capsys):

@@ -58,12 +58,13 @@ def test_synthetic_study_runs_shrunken_end_to_end_on_cbis(tmp_path, cbis_root):
         report = (tmp_path / setup / "report" / "report.md").read_text()
         assert "| pretrain |" in report and "| none |" in report
 def test_recipe_study_smoke_run_writes_the_report_table(tmp_path):
-    """simulations/recipe_cbis.sh shrunk to one ε, one seed, the central part, 1 round, on a
-    written CBIS-like folder with an external test folder: the report has both rows."""
+    """simulations/recipe_cbis.sh shrunk to one ε, one seed, the central part and one ablation,
+    1 round, on a written CBIS-like folder with an external test folder: the report has the
+    recipe, its non-private reference and the ablation as three rows."""
     root = write_cbis_like(tmp_path / "cbis", {"train": 12, "val": 4, "test": 6})
     write_class_folder(tmp_path / "site_x", CBIS_CLASSES, 4, first_patient=500)
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env |= {"EPSILONS": "6", "SEEDS": "0", "FEDERATIONS": "central", "PYTHONPATH": str(ROOT)}
+    env |= {"EPSILONS": "6", "SEEDS": "0", "FEDERATIONS": "central", "ABLATIONS": "no_ema", "PYTHONPATH": str(ROOT)}
     tiny = [f"data.root={root}", f"data.external_test=[{tmp_path / 'site_x'}]", "data.image_size=32", "rounds=1",
             "training.augmentations=2", "evaluation.bootstrap=0"]
     proc = subprocess.run(["bash", str(ROOT / "simulations" / "recipe_cbis.sh"), str(tmp_path / "out"), *tiny],
@@ -73,4 +74,6 @@ def test_recipe_study_smoke_run_writes_the_report_table(tmp_path):
     header = next(line for line in report.splitlines() if line.startswith("| data"))
     assert "external.site_x.auroc" in header and "spent_epsilon" in header
     rows = [line for line in report.splitlines() if line.startswith("| cbis_ddsm")]
-    assert len(rows) == 2 and any("| local | 6.000 |" in r for r in rows) and any("| none | ∞ |" in r for r in rows)
+    assert len(rows) == 3 and any("| none | ∞ |" in r for r in rows)
+    dp = [r for r in rows if "| local | 6.000 |" in r]  # the recipe and its ablation: two settings
+    assert len(dp) == 2 and any("no-ema" in r for r in dp) and any("ema=0.6" in r for r in dp)
