@@ -107,7 +107,7 @@ class HospitalTrainer:
         seed = self._start(SYNTHETIC_ROUND, hospital)
         shard = hospital_shard(s, hospital)
         mechanism = gan_mechanism(s, len(shard))
-        trained = train_gan(shard, g, s.data.augment, mechanism.noise_multiplier if g.dp else None, seed)
+        trained = train_gan(shard, g, s.data.augment, mechanism.noise_multiplier if g.dp else None, seed, backend_device(s.backend))
         if g.dp and sum(n for *_, n in trained.history) != mechanism.steps:
             raise FedprivError(f"hospital {hospital}: Opacus accounted {trained.history} for the GAN, expected {mechanism}")
         labels = balanced_labels(g.samples_per_class)

@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader
 
 from fedpriv.data.records import ImageRecords, SplitData
 from fedpriv.metrics import auroc
+from fedpriv.devices import backend_device
 from fedpriv.models import build_model
 from fedpriv.settings import RunSettings
 from fedpriv.synthetic.pool import SyntheticPool
@@ -28,6 +29,7 @@ def train_on_synthetic(settings: RunSettings, weights: dict, pool: SyntheticPool
     torch.manual_seed(settings.seed)
     model = build_model(settings.model, settings.data.image_size)
     model.load_state_dict(weights)
+    model.to(backend_device(settings.backend))  # the server's device
     training = dataclasses.replace(settings.training, lr=g.train_lr)
     loader = DataLoader(
         RecordDataset(pool.records(), settings.data.augment),
@@ -36,15 +38,16 @@ def train_on_synthetic(settings: RunSettings, weights: dict, pool: SyntheticPool
         generator=torch.Generator().manual_seed(settings.seed),
     )
     train_epochs(model, make_optimizer(model, training), loader, g.train_epochs, False)
-    return model.state_dict()
+    return {k: v.cpu() for k, v in model.state_dict().items()}
 
 
 @torch.no_grad()
 def features(model: nn.Module, records: ImageRecords, batch_size: int) -> np.ndarray:
     """The classifier's pre-logit features (timm's forward_features → forward_head(pre_logits))."""
     model.eval()
+    device = next(model.parameters()).device
     loader = DataLoader(RecordDataset(records, augment=False), batch_size=batch_size)
-    out = [model.forward_head(model.forward_features(x), pre_logits=True) for x, _ in loader]
+    out = [model.forward_head(model.forward_features(x.to(device)), pre_logits=True).cpu() for x, _ in loader]
     return torch.cat(out).double().numpy()
 
 

@@ -57,12 +57,14 @@ def train_gan(
     augment: bool,
     noise_multiplier: float | None,
     seed: int,
+    device: torch.device = torch.device("cpu"),
 ) -> TrainedGan:
-    """`noise_multiplier=None` trains without DP (synthetic.dp=false)."""
+    """`noise_multiplier=None` trains without DP (synthetic.dp=false); `device`: the
+    hospital's (fedpriv.devices). The generator comes back on the CPU."""
     started = time.perf_counter()
     torch.manual_seed(seed)
     shape = GanShape(records.images.shape[-1], settings.latent_dim, settings.width)
-    generator, discriminator = ConditionalGenerator(shape), ConditionalDiscriminator(shape)
+    generator, discriminator = ConditionalGenerator(shape).to(device), ConditionalDiscriminator(shape).to(device)
     adam = dict(lr=settings.lr, betas=(0.5, 0.999))
     opt_g = torch.optim.Adam(generator.parameters(), **adam)
     opt_d = torch.optim.Adam(discriminator.parameters(), **adam)
@@ -75,21 +77,23 @@ def train_gan(
     session = None
     if noise_multiplier is not None:
         session = make_private(
-            discriminator, opt_d, loader, noise_multiplier, settings.max_grad_norm, [], torch.Generator().manual_seed(seed + 1)
+            discriminator, opt_d, loader, noise_multiplier, settings.max_grad_norm, [],
+            torch.Generator(device=device).manual_seed(seed + 1),
         )
         discriminator, opt_d, loader = session.model, session.optimizer, session.loader
     fakes = settings.batch_size  # a public constant, not the (private) real batch size
     for _ in range(settings.epochs):
         d_total = g_total = 0.0
         for real, labels in loader:
-            noise = torch.randn(fakes, shape.latent_dim)
-            fake_labels = torch.randint(NUM_CLASSES, (fakes,))
+            real, labels = real.to(device), labels.to(device)
+            noise = torch.randn(fakes, shape.latent_dim).to(device)  # drawn on the CPU: the same images on any device
+            fake_labels = torch.randint(NUM_CLASSES, (fakes,)).to(device)
             fake = generator(noise, fake_labels)
             # Discriminator: real → 1, fake → 0, one batch, per-example clipping under DP.
             opt_d.zero_grad(set_to_none=True)
             images = torch.cat([real.reshape(-1, *fake.shape[1:]), fake.detach()])
             classes = torch.cat([labels.reshape(-1).long(), fake_labels])
-            targets = torch.cat([torch.ones(len(labels)), torch.zeros(fakes)])
+            targets = torch.cat([torch.ones(len(labels), device=device), torch.zeros(fakes, device=device)])
             d_loss = F.binary_cross_entropy_with_logits(discriminator(images, classes), targets, reduction="sum")
             # Under DP: per-example gradients of the summed loss (fedpriv.privacy.engine
             # averages the noisy sum over the expected batch); without DP: the batch mean.
@@ -98,14 +102,14 @@ def train_gan(
             # Generator: make the (now fixed) discriminator say "real" for each class.
             opt_g.zero_grad(set_to_none=True)
             with frozen(discriminator):
-                g_loss = F.binary_cross_entropy_with_logits(discriminator(fake, fake_labels), torch.ones(fakes))
+                g_loss = F.binary_cross_entropy_with_logits(discriminator(fake, fake_labels), torch.ones(fakes, device=device))
                 g_loss.backward()
             opt_g.step()
             d_total += float(d_loss.detach()) / len(targets)
             g_total += float(g_loss.detach())
         steps = max(len(loader), 1)
     return TrainedGan(
-        generator=generator.eval(),
+        generator=generator.cpu().eval(),
         history=session.history if session is not None else [],
         discriminator_loss=d_total / steps,
         generator_loss=g_total / steps,
