@@ -169,7 +169,75 @@ def _pearson(pairs: list[tuple[float, float]]) -> dict:
     return {"r": float(r), "p": float(p), "n": len(pairs)}
 
 
-def write_report(rows: list[dict], records: list[dict], correlation: dict, out: Path) -> list[Path]:
+def load_reference(path: Path) -> list[dict]:
+    """Published test AUROCs to set the runs against: a CSV with the columns `name`,
+    `epsilon` (`inf` for no DP) and `auroc`, one line per published number."""
+    try:
+        with open(path, newline="") as handle:
+            lines = list(csv.DictReader(handle))
+    except OSError as error:
+        raise FedprivError(f"--reference {path}: cannot be read ({error.strerror})") from None
+    if not lines or {"name", "epsilon", "auroc"} - set(lines[0]):
+        raise FedprivError(f"--reference {path}: needs a header with the columns name, epsilon, auroc and one line per number")
+    reference = []
+    for number, line in enumerate(lines, start=2):
+        try:
+            epsilon, auroc = float(line["epsilon"]), float(line["auroc"])
+        except (TypeError, ValueError):
+            raise FedprivError(f"--reference {path}, line {number}: epsilon and auroc must be numbers (epsilon may be inf)") from None
+        if not (epsilon > 0 and 0 <= auroc <= 1 and line["name"]):
+            raise FedprivError(f"--reference {path}, line {number}: needs a name, epsilon > 0 and auroc in [0, 1]")
+        reference.append({"name": line["name"], "epsilon": epsilon, "auroc": auroc})
+    return reference
+
+
+def groupby_name(reference: list[dict]) -> dict[str, list[tuple[float, float]]]:
+    """Published (ε, AUROC) pairs per name, in the file's order of names."""
+    named = defaultdict(list)
+    for r in reference:
+        named[r["name"]].append((r["epsilon"], r["auroc"]))
+    return dict(named)
+
+
+#: Setting keys that a privacy–utility series runs over (a DP series and its non-private twin are one series).
+_PRIVACY_KEYS = ("privacy", "epsilon", "client_epsilon")
+
+
+def reference_comparison(rows: list[dict], reference: list[dict]) -> list[str]:
+    """Markdown: each series of runs (settings that differ only in ε, non-private included)
+    next to the published numbers, at the published ε values, and at how many of those ε
+    the series' mean test AUROC is above each published line."""
+    epsilons = sorted({r["epsilon"] for r in reference})
+    published = {name: dict(values) for name, values in groupby_name(reference).items()}
+    series = defaultdict(dict)
+    for row in rows:
+        series[tuple((k, row[k]) for k in SETTING_KEYS if k not in _PRIVACY_KEYS)][row["epsilon"]] = row
+    varying = [k for k in SETTING_KEYS if k not in _PRIVACY_KEYS and len({dict(key)[k] for key in series}) > 1]
+    header = ["", *("∞" if math.isinf(e) else f"{e:g}" for e in epsilons), *(f"above {name}" for name in published)]
+    lines = [
+        "## Against published results",
+        "",
+        "Test AUROC, mean ± std over seeds, at each published ε (columns); `above`: at how many of",
+        "the published ε values this series' mean is higher than the published number.",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+    ]
+    for name, values in published.items():
+        cells = [_fmt(values[e]) if e in values else "—" for e in epsilons]
+        lines.append("| " + " | ".join([f"published: {name}", *cells, *("" for _ in published)]) + " |")
+    for key, points in series.items():
+        label = ", ".join(f"{k}={v}" for k, v in key if k in varying) or "these runs"
+        cells = [_cell(points[e], "auroc") if e in points else "—" for e in epsilons]
+        above = []
+        for values in published.values():
+            shared = [e for e in values if e in points and math.isfinite(points[e]["auroc"])]
+            above.append(f"{sum(points[e]['auroc'] > values[e] for e in shared)}/{len(shared)}")
+        lines.append("| " + " | ".join([f"fedpriv: {label}", *cells, *above]) + " |")
+    return ["", *lines]
+
+
+def write_report(rows: list[dict], records: list[dict], correlation: dict, out: Path, reference: list[dict] = ()) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     columns = list(dict.fromkeys(k for row in rows for k in row))
     with open(out / "report.csv", "w", newline="") as handle:
@@ -192,12 +260,14 @@ def write_report(rows: list[dict], records: list[dict], correlation: dict, out: 
     lines += ["", "## Correlations", "", "| pair | Pearson r | p | runs |", "|---|---|---|---|"]
     for name, c in correlation.items():
         lines.append(f"| {name} | {_fmt(c['r'])} | {_fmt(c['p'])} | {c['n']} |")
+    if reference:
+        lines += reference_comparison(rows, reference)
     (out / "report.md").write_text("\n".join(lines) + "\n")
     (out / "correlations.json").write_text(json.dumps(correlation, indent=2, allow_nan=True))
-    return [out / "report.md", out / "report.csv", *plot_report(rows, records, out)]
+    return [out / "report.md", out / "report.csv", *plot_report(rows, records, out, reference)]
 
 
-def plot_report(rows: list[dict], records: list[dict], out: Path) -> list[Path]:
+def plot_report(rows: list[dict], records: list[dict], out: Path, reference: list[dict] = ()) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -229,6 +299,11 @@ def plot_report(rows: list[dict], records: list[dict], out: Path) -> list[Path]:
                 for p in points:
                     if not math.isfinite(p["epsilon"]) and column in p:
                         ax.axhline(p[column], linestyle=":", color="grey")
+        if metric == "auroc":  # published numbers: dashed, x markers
+            for published, values in groupby_name(reference).items():
+                finite = sorted((e, v) for e, v in values if math.isfinite(e))
+                if finite:
+                    ax.plot(*zip(*finite), "x--", alpha=0.8, label=f"published: {published}")
         ax.set_xscale("log")
         ax.set_xlabel("target ε (log); dotted: no DP")
         ax.set_ylabel(ylabel)
@@ -286,12 +361,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fedpriv.report", description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", type=Path, help="run folders or sweep (multirun) folders")
     parser.add_argument("--out", type=Path, default=Path("report"), help="where to write the report (default: report/)")
+    parser.add_argument("--reference", type=Path, help="CSV of published test AUROCs (name, epsilon, auroc) to compare with")
     args = parser.parse_args(argv)
     try:
+        reference = load_reference(args.reference) if args.reference else []
         records = [run_record(run) for run in find_runs(args.runs)]
         groups = group_settings(records)
         rows = table_rows(groups)
-        written = write_report(rows, records, correlations(records), args.out)
+        written = write_report(rows, records, correlations(records), args.out, reference)
     except FedprivError as error:
         print(f"fedpriv: {error}", file=sys.stderr)
         return 2

@@ -10,6 +10,8 @@
 #   EPSILONS (default 1,6,12,20,60), SEEDS (default 0,1,2), ABLATION_EPSILON (default 6).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# Osuala et al. 2024 (Swin-T, ImageNet-pretrained frozen backbone, δ = 1e-4, mean of 3 seeds) on this exact split
+REFERENCE=simulations/reference/osuala2024_cbis.csv
 source simulations/_sweep.sh
 OUT=${1:-studies/recipe_cbis}
 shift || true
@@ -30,4 +32,4 @@ for name in ${ABLATIONS-augmult4 no_ema constant_lr vit_hybrid synthetic_pretrai
   python -m fedpriv.simulate -m +experiment=recipe_cbis "privacy.target_epsilon=${ABLATION_EPSILON:-6}" "seed=${SEEDS:-0,1,2}" \
     ${SETTING[central]} ${ABLATION[$name]} "hydra.sweep.dir=$OUT/ablation/$name" "$@"
 done
-python -m fedpriv.report "$OUT" --out "$OUT/report"
+python -m fedpriv.report "$OUT" --out "$OUT/report" --reference "$REFERENCE"

@@ -90,3 +90,40 @@ def test_a_column_only_some_settings_have_is_a_dash_in_the_others():
     with_gan = {"auroc": 0.7, "auroc_std": 0.01, "tstr_auroc": 0.6, "tstr_auroc_std": 0.02}
     real_only = {"auroc": 0.65, "auroc_std": 0.01}
     assert _cell(with_gan, "tstr_auroc") == "0.600 ± 0.020" and _cell(real_only, "tstr_auroc") == "—"
+
+
+def _row(epsilon, auroc, privacy="local", num_clients=1):
+    return _record(privacy, 0, {}) | {"epsilon": epsilon, "num_clients": num_clients, "auroc": auroc, "auroc_std": 0.01}
+
+
+def test_published_numbers_are_set_against_each_series_at_their_epsilons(tmp_path):
+    from fedpriv.report import load_reference, reference_comparison
+
+    path = tmp_path / "published.csv"
+    path.write_text("name,epsilon,auroc\nplain,1,0.525\nplain,6,0.572\nplain,inf,0.778\n")
+    reference = load_reference(path)
+    assert reference[-1] == {"name": "plain", "epsilon": math.inf, "auroc": 0.778}
+    rows = [_row(1.0, 0.60), _row(6.0, 0.55), _row(math.inf, 0.70, privacy="none"),  # central: above at ε=1 only
+            _row(1.0, 0.53, num_clients=3), _row(6.0, 0.58, num_clients=3)]  # 3 hospitals: above at both, no ∞ run
+    text = "\n".join(reference_comparison(rows, reference))
+    lines = {line.split(" | ")[0]: line for line in text.splitlines() if line.startswith("| ")}
+    assert lines["| published: plain"].startswith("| published: plain | 0.525 | 0.572 | 0.778 |")
+    assert lines["| fedpriv: num_clients=1"] == "| fedpriv: num_clients=1 | 0.600 ± 0.010 | 0.550 ± 0.010 | 0.700 ± 0.010 | 1/3 |"
+    assert lines["| fedpriv: num_clients=3"] == "| fedpriv: num_clients=3 | 0.530 ± 0.010 | 0.580 ± 0.010 | — | 2/2 |"
+
+
+@pytest.mark.parametrize("content, message", [
+    ("name,eps,auroc\nplain,1,0.5\n", "columns name, epsilon, auroc"),
+    ("name,epsilon,auroc\nplain,one,0.5\n", "line 2: epsilon and auroc must be numbers"),
+    ("name,epsilon,auroc\nplain,1,0.5\nplain,6,1.5\n", "line 3: needs a name, epsilon > 0 and auroc in"),
+    (None, "cannot be read"),
+])
+def test_a_bad_reference_file_is_named_with_its_line(tmp_path, content, message):
+    from fedpriv.report import load_reference
+
+    path = tmp_path / "published.csv"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(FedprivError, match=message) as caught:
+        load_reference(path)
+    assert str(path) in str(caught.value)

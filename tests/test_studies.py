@@ -77,3 +77,4 @@ def test_recipe_study_smoke_run_writes_the_report_table(tmp_path):
     assert len(rows) == 3 and any("| none | ∞ |" in r for r in rows)
     dp = [r for r in rows if "| local | 6.000 |" in r]  # the recipe and its ablation: two settings
     assert len(dp) == 2 and any("no-ema" in r for r in dp) and any("ema=0.6" in r for r in dp)
+    assert "## Against published results" in report and "| published: DP-SGD real data (Osuala 2024) | 0.525 |" in report
