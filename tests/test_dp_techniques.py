@@ -21,6 +21,7 @@ from fedpriv.privacy.engine import make_private
 from fedpriv.privacy.ledger import PrivacyLedger
 from fedpriv.schedule import follow_schedule
 from fedpriv import server
+from fedpriv.checkpoint import Checkpoint
 from fedpriv.server import evaluate, initial_weights, run_rounds
 from fedpriv.training import RecordDataset, train_epochs
 
@@ -218,6 +219,36 @@ def test_best_val_selection_keeps_the_best_validation_round_and_scores_the_test_
     assert evaluation["auroc"] == pytest.approx(evaluate(s, final, splits)["auroc"])
     with pytest.raises(FedprivError, match="evaluation.select"):
         make_settings([*TINY, "evaluation.select=best_test"])
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_a_resumed_run_keeps_the_validation_choice_made_before_the_kill(tmp_path):
+    s = make_settings([*TINY, "privacy=none", "num_clients=1", "rounds=4", "evaluation.select=best_val"])
+    splits = load_splits(s.data, s.seed)
+    template = initial_weights(s)
+
+    def rounds(run_dir, federation, resume_from=None):
+        return run_rounds(federation, s, splits, RunDirectory(run_dir), PrivacyLedger(delta=0.0), lambda line: None, resume_from)
+
+    lines, final, evaluation = rounds(tmp_path / "whole", _RandomModelsFederation(template))
+    assert evaluation["round"] <= 2  # the choice falls before the kill below, so a resume must carry it
+
+    class KilledAfterTwo(_RandomModelsFederation):
+        def train_round(self, server_round, *args):
+            if server_round == 3:
+                raise _Killed
+            return super().train_round(server_round, *args)
+
+    with pytest.raises(_Killed):
+        rounds(tmp_path / "killed", KilledAfterTwo(template))
+    checkpoint = Checkpoint.load(tmp_path / "killed")
+    assert checkpoint.round == 2 and checkpoint.selected["round"] == evaluation["round"]
+    resumed_lines, resumed_final, resumed = rounds(tmp_path / "killed", _RandomModelsFederation(template), checkpoint)
+    assert resumed["round"] == evaluation["round"] and resumed["auroc"] == evaluation["auroc"]
+    assert _close(resumed_final, final) and [l["val_auroc"] for l in resumed_lines] == [l["val_auroc"] for l in lines]
 
 
 def test_ema_update_copies_first_and_keeps_integer_entries_newest():
