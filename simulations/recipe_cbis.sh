@@ -21,7 +21,7 @@ declare -A ABLATION=(
   [no_ema]="evaluation.ema=null"
   [constant_lr]="training.lr_schedule=constant"
   [vit_hybrid]="model=vit_hybrid_tiny training.optimizer=adamw training.lr=0.02"  # the project default model and its DP optimizer
-  [synthetic_pretrain]="synthetic=pretrain"
+  [synthetic_pretrain]="synthetic=pretrain synthetic.samples_per_class=500 synthetic.train_epochs=20 synthetic.train_lr=0.05"  # SGD: the recipe's optimizer
 )
 for federation in ${FEDERATIONS-central federated}; do
   # shellcheck disable=SC2086  # the setting is a list of overrides
