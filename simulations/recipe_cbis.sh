@@ -20,6 +20,7 @@ declare -A ABLATION=(
   [augmult4]="training.augmentations=4"
   [no_ema]="evaluation.ema=null"
   [constant_lr]="training.lr_schedule=constant"
+  [half_width_64px]="data.image_size=64 +model.kwargs.widths=[16,32,64]"  # 64 px at twice the 32 px cost
   [vit_hybrid]="model=vit_hybrid_tiny training.optimizer=adamw training.lr=0.02"  # the project default model and its DP optimizer
   [synthetic_pretrain]="synthetic=pretrain synthetic.samples_per_class=500 synthetic.train_epochs=20 synthetic.train_lr=0.05"  # SGD: the recipe's optimizer
 )
@@ -27,7 +28,7 @@ for federation in ${FEDERATIONS-central federated}; do
   # shellcheck disable=SC2086  # the setting is a list of overrides
   sweep recipe_cbis "$OUT/$federation" "${EPSILONS:-1,6,12,20,60}" "${SEEDS:-0,1,2}" ${SETTING[$federation]} "$@"
 done
-for name in ${ABLATIONS-augmult4 no_ema constant_lr vit_hybrid synthetic_pretrain}; do
+for name in ${ABLATIONS-augmult4 no_ema constant_lr half_width_64px vit_hybrid synthetic_pretrain}; do
   # shellcheck disable=SC2086
   python -m fedpriv.simulate -m +experiment=recipe_cbis "privacy.target_epsilon=${ABLATION_EPSILON:-6}" "seed=${SEEDS:-0,1,2}" \
     ${SETTING[central]} ${ABLATION[$name]} "hydra.sweep.dir=$OUT/ablation/$name" "$@"
