@@ -52,8 +52,8 @@ def run_record(run: Path) -> dict:
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line]
     return {
         "run": str(run),
-        "data": summary["data"],
-        "model": summary["model"],
+        "data": f"{summary['data']} {settings['data']['image_size']}px",
+        "model": summary["model"] + (f" {settings['model']['kwargs']}" if settings["model"].get("kwargs") else ""),
         "privacy": privacy["mode"],
         "epsilon": privacy.get("target_epsilon", math.inf),
         "client_epsilon": privacy.get("client_level", {}).get("target_epsilon", math.inf),
