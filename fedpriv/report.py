@@ -53,7 +53,7 @@ def run_record(run: Path) -> dict:
     return {
         "run": str(run),
         "data": f"{summary['data']} {settings['data']['image_size']}px",
-        "model": summary["model"] + (f" {settings['model']['kwargs']}" if settings["model"].get("kwargs") else ""),
+        "model": _model_setting(summary["model"], settings["model"].get("kwargs")),
         "privacy": privacy["mode"],
         "epsilon": privacy.get("target_epsilon", math.inf),
         "client_epsilon": privacy.get("client_level", {}).get("target_epsilon", math.inf),
@@ -374,6 +374,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"{len(records)} runs, {len(rows)} settings → " + ", ".join(str(p) for p in written))
     return 0
+
+
+def _model_setting(name: str, kwargs) -> str:
+    """The model's name with its model.kwargs, e.g. `fedpriv_cnn_small(widths=[16, 32, 64])`."""
+    pairs = kwargs.items() if isinstance(kwargs, dict) else (kwargs or [])
+    return name + (f"({', '.join(f'{k}={v}' for k, v in pairs)})" if pairs else "")
 
 
 def _training_setting(settings: dict) -> str:

@@ -72,6 +72,10 @@ def test_runs_that_differ_only_in_a_training_technique_are_separate_settings():
     assert _training_setting(settings) == "sgd lr=0.2 cosine K=4 ema=0.6 best_val"
     settings["evaluation"]["ema"] = None
     assert _training_setting(settings) == "sgd lr=0.2 cosine K=4 no-ema best_val"
+    from fedpriv.report import _model_setting  # a width or depth change is another setting too
+
+    assert _model_setting("cnn", {"widths": [16, 32, 64]}) == "cnn(widths=[16, 32, 64])" and _model_setting("cnn", {}) == "cnn"
+    assert _model_setting("vit", [["depth", 2], ["embed_dim", 64]]) == "vit(depth=2, embed_dim=64)"  # as summary.json stores them
     records = [_record("local", seed, {}) for seed in (0, 1)]
     records += [_record("local", seed, {}) | {"training": "sgd lr=0.2 constant K=1 ema=0.6 best_val"} for seed in (0, 1)]
     assert sorted(len(runs) for runs in group_settings(records).values()) == [2, 2]
