@@ -15,6 +15,7 @@ import csv
 import json
 import math
 import sys
+import textwrap
 from collections import defaultdict
 from pathlib import Path
 
@@ -307,10 +308,11 @@ def plot_report(rows: list[dict], records: list[dict], out: Path, reference: lis
         ax.set_xscale("log")
         ax.set_xlabel("target ε (log); dotted: no DP")
         ax.set_ylabel(ylabel)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out / name, dpi=120)
+        if ax.get_legend_handles_labels()[0]:  # beside the axes: long setting labels never cover the curves
+            handles, labels = ax.get_legend_handles_labels()
+            ax.legend(handles, [textwrap.fill(label, 60) for label in labels], fontsize=6,
+                      loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0)
+        fig.savefig(out / name, dpi=120, bbox_inches="tight")
         plt.close(fig)
         written.append(out / name)
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -318,7 +320,7 @@ def plot_report(rows: list[dict], records: list[dict], out: Path, reference: lis
         rounds, aurocs = zip(*record["curve"]) if record["curve"] else ((), ())
         eps = "∞" if not math.isfinite(record["epsilon"]) else f"{record['epsilon']:g}"
         ax.plot(rounds, aurocs, "-" if record["curve_split"] == "test" else "--", alpha=0.7,
-                label=f"ε={eps} seed={record['seed']} K={record['num_clients']}")
+                label=f"ε={eps} seed={record['seed']} hospitals={record['num_clients']}")
     ax.set_xlabel("round")
     splits = sorted({record["curve_split"] for record in records})
     ax.set_ylabel({("test",): "test AUROC", ("val",): "validation AUROC"}.get(tuple(splits), "AUROC (solid: test, dashed: validation)"))
