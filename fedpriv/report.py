@@ -29,6 +29,8 @@ SETTING_KEYS = (
     "training",
 )
 UTILITY = ("auroc", "auprc", "accuracy", "sensitivity", "specificity")
+#: Setting keys that a privacy–utility series runs over (a DP run and its non-private twin share the rest).
+PRIVACY_KEYS = ("privacy", "epsilon", "client_epsilon")
 
 
 def find_runs(paths: list[Path]) -> list[Path]:
@@ -141,7 +143,7 @@ def correlations(records: list[dict]) -> dict[str, dict]:
 def auroc_drops(records: list[dict]) -> list[tuple[float, int, float]]:
     """(non-private AUROC − DP AUROC, subgroup size, non-private AUROC) for every subgroup of
     every DP run that has a non-private twin (same setting apart from privacy, same seed)."""
-    twin_keys = [k for k in SETTING_KEYS if k not in ("privacy", "epsilon", "client_epsilon")]
+    twin_keys = [k for k in SETTING_KEYS if k not in PRIVACY_KEYS]
     baseline = {
         (*(r[k] for k in twin_keys), r["seed"]): r for r in records if r["privacy"] == "none"
     }
@@ -200,8 +202,6 @@ def groupby_name(reference: list[dict]) -> dict[str, list[tuple[float, float]]]:
     return dict(named)
 
 
-#: Setting keys that a privacy–utility series runs over (a DP series and its non-private twin are one series).
-_PRIVACY_KEYS = ("privacy", "epsilon", "client_epsilon")
 
 
 def reference_comparison(rows: list[dict], reference: list[dict]) -> list[str]:
@@ -212,8 +212,8 @@ def reference_comparison(rows: list[dict], reference: list[dict]) -> list[str]:
     published = {name: dict(values) for name, values in groupby_name(reference).items()}
     series = defaultdict(dict)
     for row in rows:
-        series[tuple((k, row[k]) for k in SETTING_KEYS if k not in _PRIVACY_KEYS)][row["epsilon"]] = row
-    varying = [k for k in SETTING_KEYS if k not in _PRIVACY_KEYS and len({dict(key)[k] for key in series}) > 1]
+        series[tuple((k, row[k]) for k in SETTING_KEYS if k not in PRIVACY_KEYS)][row["epsilon"]] = row
+    varying = [k for k in SETTING_KEYS if k not in PRIVACY_KEYS and len({dict(key)[k] for key in series}) > 1]
     header = ["", *("∞" if math.isinf(e) else f"{e:g}" for e in epsilons), *(f"above {name}" for name in published)]
     lines = [
         "## Against published results",
@@ -221,12 +221,11 @@ def reference_comparison(rows: list[dict], reference: list[dict]) -> list[str]:
         "Test AUROC, mean ± std over seeds, at each published ε (columns); `above`: at how many of",
         "the published ε values this series' mean is higher than the published number.",
         "",
-        "| " + " | ".join(header) + " |",
-        "|" + "---|" * len(header),
+        *_markdown_head(header),
     ]
     for name, values in published.items():
         cells = [_fmt(values[e]) if e in values else "—" for e in epsilons]
-        lines.append("| " + " | ".join([f"published: {name}", *cells, *("" for _ in published)]) + " |")
+        lines.append(_markdown_row([f"published: {name}", *cells, *("" for _ in published)]))
     for key, points in series.items():
         label = ", ".join(f"{k}={v}" for k, v in key if k in varying) or "these runs"
         cells = [_cell(points[e], "auroc") if e in points else "—" for e in epsilons]
@@ -234,7 +233,7 @@ def reference_comparison(rows: list[dict], reference: list[dict]) -> list[str]:
         for values in published.values():
             shared = [e for e in values if e in points and math.isfinite(points[e]["auroc"])]
             above.append(f"{sum(points[e]['auroc'] > values[e] for e in shared)}/{len(shared)}")
-        lines.append("| " + " | ".join([f"fedpriv: {label}", *cells, *above]) + " |")
+        lines.append(_markdown_row([f"fedpriv: {label}", *cells, *above]))
     return ["", *lines]
 
 
@@ -252,12 +251,9 @@ def write_report(rows: list[dict], records: list[dict], correlation: dict, out: 
         "Test-split metrics of the final global model, mean ± std over seeds; ε columns are the",
         "configured targets (∞ = no DP at that level), `spent_epsilon` the ledger's record-level ε.",
         "",
-        "| " + " | ".join(shown) + " |",
-        "|" + "---|" * len(shown),
+        *_markdown_head(shown),
     ]
-    for row in rows:
-        cells = [_cell(row, k) for k in shown]
-        lines.append("| " + " | ".join(cells) + " |")
+    lines += [_markdown_row([_cell(row, k) for k in shown]) for row in rows]
     lines += ["", "## Correlations", "", "| pair | Pearson r | p | runs |", "|---|---|---|---|"]
     for name, c in correlation.items():
         lines.append(f"| {name} | {_fmt(c['r'])} | {_fmt(c['p'])} | {c['n']} |")
@@ -412,6 +408,14 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     if not finite:
         return math.nan, math.nan
     return float(np.mean(finite)), float(np.std(finite, ddof=1)) if len(finite) > 1 else 0.0
+
+
+def _markdown_head(columns: list[str]) -> list[str]:
+    return [_markdown_row(columns), "|" + "---|" * len(columns)]
+
+
+def _markdown_row(cells: list[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
 
 
 def _fmt(value: float) -> str:
