@@ -32,7 +32,7 @@ from fedpriv.privacy.hospital_state import (
     release_digest,
 )
 from fedpriv.privacy.plan import classifier_mechanism, gan_mechanism, synthetic_per_round
-from fedpriv.schedule import follow_schedule
+from fedpriv.schedule import StepPlan, follow_clip_schedule, follow_lr_schedule
 from fedpriv.settings import DataSettings, FaultSettings, PartitionSettings, RunSettings
 from fedpriv.synthetic.gan import balanced_labels, generate
 from fedpriv.synthetic.pool import SyntheticPool
@@ -152,10 +152,12 @@ class HospitalTrainer:
             shuffle=True,
             generator=torch.Generator().manual_seed(seed),
         )
-        optimizer = self._optimizer(model, weights, len(dataset), server_round, float(config.get("proximal-mu", 0.0)))
+        steps_per_round = s.local_epochs * poisson_plan(len(dataset), s.training.batch_size)[1]
+        plan = StepPlan.of_round(server_round, s.rounds, steps_per_round)
+        optimizer = self._optimizer(model, weights, plan, float(config.get("proximal-mu", 0.0)))
         metrics = {"hospital": hospital, "num-examples": len(shard), UNIFORM_WEIGHT: 1}
         if s.privacy.local:
-            weights, privacy_metrics = self._train_private(model, optimizer, loader, hospital, server_round, seed)
+            weights, privacy_metrics = self._train_private(model, optimizer, loader, hospital, server_round, seed, plan)
             metrics.update(privacy_metrics)
         else:
             metrics["train_loss"] = train_epochs(model, optimizer, loader, s.local_epochs, False, views)
@@ -165,18 +167,17 @@ class HospitalTrainer:
         metrics["seconds"] = time.perf_counter() - started
         return weights, metrics
 
-    def _optimizer(self, model, weights: dict, examples: int, server_round: int, mu: float) -> torch.optim.Optimizer:
+    def _optimizer(self, model, weights: dict, plan: StepPlan, mu: float) -> torch.optim.Optimizer:
         """The local optimizer, its learning rate following training.lr_schedule from this
         round's place in the planned run (rounds × steps per round), and FedProx's pull."""
         t = self.settings.training
         optimizer = make_optimizer(model, t)
-        per_round = self.settings.local_epochs * poisson_plan(examples, t.batch_size)[1]
-        follow_schedule(optimizer, t.lr_schedule, t.lr, (server_round - 1) * per_round, self.settings.rounds * per_round)
+        follow_lr_schedule(optimizer, t.lr_schedule, t.lr, plan)
         if mu > 0:
             optimizer.register_step_post_hook(proximal_pull(model, weights, mu))
         return optimizer
 
-    def _train_private(self, model, optimizer, loader, hospital: int, server_round: int, seed: int):
+    def _train_private(self, model, optimizer, loader, hospital: int, server_round: int, seed: int, plan: StepPlan):
         s, p = self.settings, self.settings.privacy
         mechanism = classifier_mechanism(s, len(hospital_shard(s, hospital)))
         sample_rate, steps = mechanism.sample_rate, mechanism.steps
@@ -193,6 +194,8 @@ class HospitalTrainer:
         device = next(model.parameters()).device
         noise = torch.Generator(device=device).manual_seed(seed + 1)
         session = make_private(model, optimizer, loader, sigma, p.max_grad_norm, before, noise, p.grad_sample_mode)
+        if p.final_max_grad_norm is not None:
+            follow_clip_schedule(optimizer, session.set_clip_norm, p.max_grad_norm, p.final_max_grad_norm, plan)
         with session.physical_batches(s.training.max_physical_batch_size) as batches:
             loss = train_epochs(
                 session.model, session.optimizer, batches, s.local_epochs, True, s.training.augmentations, session.ghost_loss

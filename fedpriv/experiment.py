@@ -302,6 +302,7 @@ def make_summary(
             budget_epsilon=settings.privacy.budget,
             delta=settings.privacy.delta,
             max_grad_norm=settings.privacy.max_grad_norm,
+            final_max_grad_norm=settings.privacy.final_max_grad_norm,
             max_epsilon=max(v["epsilon"] for v in per_hospital.values()),
             hospitals=per_hospital,
         )

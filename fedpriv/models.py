@@ -92,11 +92,13 @@ def fedpriv_vit_hybrid_tiny(pretrained: bool = False, **kwargs) -> VisionTransfo
 
 
 class SmallGroupNormCNN(nn.Module):
-    """Stem conv16 + 3 blocks of two 3×3 convs (32/64/128) with GroupNorm, pooled to a logit."""
+    """Stem conv16 + 3 blocks of two 3×3 convs (32/64/128) with GroupNorm, pooled to a logit.
+    `stem_stride=2` reads full-resolution pixels in the stem and runs the blocks at half the
+    resolution (about the cost of half the image size)."""
 
-    def __init__(self, in_chans: int = 1, num_classes: int = 1, widths=(32, 64, 128), **_):
+    def __init__(self, in_chans: int = 1, num_classes: int = 1, widths=(32, 64, 128), stem_stride: int = 1):
         super().__init__()
-        layers, width = [_conv_gn(in_chans, 16, 1)], 16
+        layers, width = [_conv_gn(in_chans, 16, stem_stride)], 16
         for out in widths:
             layers += [_conv_gn(width, out, 1), _conv_gn(out, out, 1), nn.MaxPool2d(2)]
             width = out

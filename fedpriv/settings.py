@@ -122,6 +122,7 @@ class PrivacySettings:
     delta: float | None = None
     target_epsilon: float | None = None
     max_grad_norm: float | None = None
+    final_max_grad_norm: float | None = None  # local: clipping norm decays geometrically to it over the run; None = constant
     budget_epsilon: float | None = None  # a hospital's hard cap; None = target_epsilon
     client_target_epsilon: float | None = None
     update_clip_norm: float | None = None  # fixed clipping norm, or the initial one (adaptive)
@@ -384,6 +385,10 @@ def validate(s: RunSettings) -> None:
         _require(
             p.max_grad_norm is not None and p.max_grad_norm > 0,
             f"privacy.max_grad_norm={p.max_grad_norm} must be > 0",
+        )
+        _require(
+            p.final_max_grad_norm is None or p.final_max_grad_norm > 0,
+            f"privacy.final_max_grad_norm={p.final_max_grad_norm} must be > 0 (or null: a constant clipping norm)",
         )
         _require(
             p.budget_epsilon is None or p.budget_epsilon > 0,

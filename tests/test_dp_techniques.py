@@ -1,4 +1,4 @@
-"""DP-training techniques (issue #6): augmentation multiplicity, LR schedules, physical
+"""DP-training techniques (issue #6): augmentation multiplicity, LR and clipping-norm schedules, physical
 batches, the EMA of the global model and external test folders — each asserted on what it
 does, with the privacy accounting unchanged."""
 
@@ -19,7 +19,8 @@ from fedpriv.federation import RoundOutcome
 from fedpriv.outputs import RunDirectory
 from fedpriv.privacy.engine import make_private
 from fedpriv.privacy.ledger import PrivacyLedger
-from fedpriv.schedule import follow_schedule
+from fedpriv.privacy.engine import PrivateSession
+from fedpriv.schedule import StepPlan, follow_clip_schedule, follow_lr_schedule, geometric_clip_norm
 from fedpriv import server
 from fedpriv.checkpoint import Checkpoint
 from fedpriv.server import evaluate, initial_weights, run_rounds
@@ -102,7 +103,7 @@ def test_cosine_schedule_runs_over_the_planned_steps_of_the_whole_run(tmp_path):
     seen = []
     for server_round in (1, 2):
         model = torch.nn.Linear(1, 1)
-        optimizer = trainer._optimizer(model, model.state_dict(), examples, server_round, 0.0)
+        optimizer = trainer._optimizer(model, model.state_dict(), StepPlan.of_round(server_round, s.rounds, 4), 0.0)
         optimizer.register_step_post_hook(lambda opt, *_: seen.append(opt.param_groups[0]["lr"]))
         for _ in range(4):
             optimizer.step()
@@ -113,12 +114,67 @@ def test_cosine_schedule_runs_over_the_planned_steps_of_the_whole_run(tmp_path):
 
 def test_constant_schedule_keeps_the_learning_rate():
     optimizer = torch.optim.SGD(torch.nn.Linear(1, 1).parameters(), lr=0.3)
-    follow_schedule(optimizer, "constant", 0.3, 5, 10)
+    follow_lr_schedule(optimizer, "constant", 0.3, StepPlan(5, 10))
     for _ in range(3):
         optimizer.step()
         assert optimizer.param_groups[0]["lr"] == 0.3
     with pytest.raises(FedprivError, match="training.lr_schedule"):
         make_settings([*TINY, "training.lr_schedule=linear"])
+
+
+# --- clipping-norm schedule ----------------------------------------------------------------
+
+
+def test_geometric_clip_norm_runs_from_the_first_to_the_final_norm():
+    norms = [geometric_clip_norm(2.0, 0.5, t, 4) for t in range(6)]
+    assert norms[0] == 2.0 and norms[4] == pytest.approx(0.5) and norms[5] == pytest.approx(0.5)
+    assert norms[2] == pytest.approx(1.0)  # geometric: the middle is the geometric mean
+    assert all(a > b for a, b in zip(norms[:4], norms[1:5]))
+
+
+@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+def test_each_step_clips_to_its_scheduled_norm_and_the_mechanism_is_unchanged(mode):
+    """One example whose gradient (norm 10) is always clipped, q = 1, σ = 0: every step moves
+    the weights by exactly lr × that step's clipping norm — the one its noise is scaled by."""
+    data, lr = TensorDataset(torch.full((1, 1, 2, 2), 10.0), torch.ones(1)), 1e-3
+    plan, histories = StepPlan(first_step=2, total_steps=6), {}
+    for scheduled in (True, False):
+        model = nn.Sequential(nn.Flatten(), nn.Linear(4, 1, bias=False))
+        nn.init.zeros_(model[1].weight)  # logit 0: the gradient stays far above every norm
+        optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+        session = make_private(model, optimizer, DataLoader(data, batch_size=1), 0.0, 2.0, [], torch.Generator(), mode)
+        if scheduled:
+            follow_clip_schedule(optimizer, session.set_clip_norm, 2.0, 0.5, plan)
+        moves, before = [], session.unwrapped_state()["1.weight"].clone()
+        for _ in range(3):
+            train_epochs(session.model, session.optimizer, session.loader, 1, True, ghost_loss=session.ghost_loss)
+            after = session.unwrapped_state()["1.weight"].clone()
+            moves.append(float((after - before).norm()) / lr)
+            before = after
+        expected = [geometric_clip_norm(2.0, 0.5, t, 6) for t in (2, 3, 4)] if scheduled else [2.0] * 3
+        assert moves == pytest.approx(expected, rel=1e-4)
+        histories[scheduled] = session.history
+    assert histories[True] == histories[False]  # same σ, q and steps: the same ε
+
+
+def test_a_hospital_continues_the_clip_schedule_from_its_round(tmp_path, monkeypatch):
+    s = make_settings([*TINY, "privacy.max_grad_norm=2.0", "privacy.final_max_grad_norm=0.5"])
+    norms = []
+    monkeypatch.setattr(PrivateSession, "set_clip_norm", lambda self, c: norms.append(c))
+    trainer = HospitalTrainer(s, str(tmp_path))
+    shard = len(hospital_shard(s, 0))
+    per_round = math.ceil(shard / s.training.batch_size)
+    weights = initial_weights(s)
+    trainer(0, weights, {"server-round": 1})
+    trainer(0, weights, {"server-round": 2})
+    total = s.rounds * per_round
+    assert norms[0] == 2.0 and norms[per_round + 1] == pytest.approx(geometric_clip_norm(2.0, 0.5, per_round, total))
+    assert len(norms) == 2 * (per_round + 1)  # the round's first norm, then one per step
+
+
+def test_clip_schedule_needs_a_positive_final_norm():
+    with pytest.raises(FedprivError, match="privacy.final_max_grad_norm"):
+        make_settings([*TINY, "privacy.final_max_grad_norm=0"])
 
 
 # --- physical batches (BatchMemoryManager) -------------------------------------------------

@@ -38,3 +38,14 @@ def test_per_sample_gradients_equal_single_example_gradients():
 def test_unknown_model_is_a_clear_error():
     with pytest.raises(FedprivError, match="model.name='vit_does_not_exist'"):
         build_model(ModelSettings("vit_does_not_exist"), 64)
+
+
+def test_a_stem_stride_of_two_halves_the_resolution_the_blocks_see():
+    model = build_model(ModelSettings("fedpriv_cnn_small", (("stem_stride", 2),)), 64)
+    assert model.forward_features(torch.zeros(1, 1, 64, 64)).shape[-1] == 64 // 2 // 8
+    assert model(torch.zeros(2, 1, 64, 64)).shape == (2, 1)
+
+
+def test_a_misspelt_model_setting_is_a_clear_error_not_ignored():
+    with pytest.raises(FedprivError, match="model.kwargs do not fit.*stem_strid"):
+        build_model(ModelSettings("fedpriv_cnn_small", (("stem_strid", 2),)), 64)

@@ -44,6 +44,13 @@ class PrivateSession:
         """Cumulative ε of this hospital, everything before this session included."""
         return epsilon_spent(self.history, delta)
 
+    def set_clip_norm(self, max_grad_norm: float) -> None:
+        """Clip to `max_grad_norm` from the next physical batch on; the noise of the next
+        step is σ times it (ghost clipping reads the norm from the model)."""
+        self.optimizer.max_grad_norm = max_grad_norm
+        if self.ghost_loss is not None:
+            self.model.max_grad_norm = max_grad_norm
+
     def unwrapped_state(self) -> dict[str, torch.Tensor]:
         return self.model._module.state_dict()
 
