@@ -15,11 +15,11 @@ REFERENCE=simulations/reference/osuala2024_cbis.csv
 source simulations/_sweep.sh
 OUT=${1:-studies/recipe_cbis}
 shift || true
-# Without clipping, SGD at the DP learning rate diverges (test AUROC 0.44–0.47 measured): the
-# non-private reference trains with AdamW at 1e-3, the notes' non-private recipe.
-export NON_PRIVATE_OVERRIDES="training.optimizer=adamw training.lr=0.001"
 declare -A SETTING=([central]="num_clients=1 training.batch_size=221" [federated]="num_clients=3 training.batch_size=74")
 declare -A ABLATION=(
+  [clip1_lr02]="privacy.max_grad_norm=1 training.lr=0.2"  # the notes' clipping norm and learning rate
+  [clip_schedule]="privacy.final_max_grad_norm=2"  # C decays geometrically 10 → 2 over the run
+  [stem2_64px]="data.image_size=64 +model.kwargs.stem_stride=2"  # 64 px pixels in the stem, blocks at 32 px
   [augmult4]="training.augmentations=4"
   [no_ema]="evaluation.ema=null"
   [constant_lr]="training.lr_schedule=constant"
@@ -31,7 +31,7 @@ for federation in ${FEDERATIONS-central federated}; do
   # shellcheck disable=SC2086  # the setting is a list of overrides
   sweep recipe_cbis "$OUT/$federation" "${EPSILONS:-1,6,12,20,60}" "${SEEDS:-0,1,2}" ${SETTING[$federation]} "$@"
 done
-for name in ${ABLATIONS-augmult4 no_ema constant_lr half_width_64px vit_hybrid synthetic_pretrain}; do
+for name in ${ABLATIONS-clip1_lr02 clip_schedule stem2_64px augmult4 no_ema constant_lr half_width_64px vit_hybrid synthetic_pretrain}; do
   # shellcheck disable=SC2086
   python -m fedpriv.simulate -m +experiment=recipe_cbis "privacy.target_epsilon=${ABLATION_EPSILON:-6}" "seed=${SEEDS:-0,1,2}" \
     ${SETTING[central]} ${ABLATION[$name]} "hydra.sweep.dir=$OUT/ablation/$name" "$@"
