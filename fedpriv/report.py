@@ -25,12 +25,12 @@ from fedpriv.errors import FedprivError
 
 #: What makes two runs the same setting (everything that is not the seed).
 SETTING_KEYS = (
-    "data", "model", "privacy", "epsilon", "client_epsilon", "synthetic", "num_clients", "strategy", "partition", "rounds",
-    "training",
+    "data", "model", "privacy", "epsilon", "client_epsilon", "clip", "synthetic", "num_clients", "strategy", "partition",
+    "rounds", "training",
 )
 UTILITY = ("auroc", "auprc", "accuracy", "sensitivity", "specificity")
 #: Setting keys that a privacy–utility series runs over (a DP run and its non-private twin share the rest).
-PRIVACY_KEYS = ("privacy", "epsilon", "client_epsilon")
+PRIVACY_KEYS = ("privacy", "epsilon", "client_epsilon", "clip")
 
 
 def find_runs(paths: list[Path]) -> list[Path]:
@@ -60,6 +60,7 @@ def run_record(run: Path) -> dict:
         "privacy": privacy["mode"],
         "epsilon": privacy.get("target_epsilon", math.inf),
         "client_epsilon": privacy.get("client_level", {}).get("target_epsilon", math.inf),
+        "clip": _clip_setting(privacy),
         "num_clients": summary["num_clients"],
         "strategy": settings["strategy"]["name"],
         "partition": settings["partition"]["name"],
@@ -390,6 +391,14 @@ def _training_setting(settings: dict) -> str:
         f"K={training.get('augmentations', 1)}", f"ema={ema:g}" if ema is not None else "no-ema",
         evaluation.get("select", "last"),
     ])
+
+
+def _clip_setting(privacy: dict) -> str:
+    """DP-SGD's clipping norm, `10→2` under a clipping-norm schedule; `-` without DP-SGD."""
+    start, final = privacy.get("max_grad_norm"), privacy.get("final_max_grad_norm")
+    if start is None:
+        return "-"
+    return f"{start:g}" if final is None else f"{start:g}→{final:g}"
 
 
 def _synthetic_setting(synthetic: dict) -> str:

@@ -47,7 +47,7 @@ def test_cli_writes_tables_and_plots(sweep, tmp_path):
 
 def _record(privacy, seed, groups):
     return {"data": "d", "model": "m", "privacy": privacy, "epsilon": 1.0 if privacy != "none" else math.inf,
-            "client_epsilon": math.inf, "synthetic": "none", "num_clients": 2, "strategy": "fedavg", "partition": "iid", "rounds": 3,
+            "client_epsilon": math.inf, "clip": "1" if privacy != "none" else "-", "synthetic": "none", "num_clients": 2, "strategy": "fedavg", "partition": "iid", "rounds": 3,
             "training": "sgd lr=0.2 cosine K=1 ema=0.6 best_val", "seed": seed, "groups": {"age": groups}}
 
 
@@ -76,9 +76,14 @@ def test_runs_that_differ_only_in_a_training_technique_are_separate_settings():
 
     assert _model_setting("cnn", {"widths": [16, 32, 64]}) == "cnn(widths=[16, 32, 64])" and _model_setting("cnn", {}) == "cnn"
     assert _model_setting("vit", [["depth", 2], ["embed_dim", 64]]) == "vit(depth=2, embed_dim=64)"  # as summary.json stores them
+    from fedpriv.report import _clip_setting  # and so is a clipping norm or its schedule
+
+    assert _clip_setting({"max_grad_norm": 10.0, "final_max_grad_norm": 2.0}) == "10→2"
+    assert _clip_setting({"max_grad_norm": 1.0}) == "1" and _clip_setting({"mode": "none"}) == "-"
     records = [_record("local", seed, {}) for seed in (0, 1)]
     records += [_record("local", seed, {}) | {"training": "sgd lr=0.2 constant K=1 ema=0.6 best_val"} for seed in (0, 1)]
-    assert sorted(len(runs) for runs in group_settings(records).values()) == [2, 2]
+    records += [_record("local", seed, {}) | {"clip": "1→0.5"} for seed in (0, 1)]
+    assert sorted(len(runs) for runs in group_settings(records).values()) == [2, 2, 2]
 
 
 def test_folder_without_runs_is_a_clear_error(tmp_path, capsys):
