@@ -102,7 +102,8 @@ def main(cfg: DictConfig) -> None:
     from fedpriv.experiment import run_experiment
     from fedpriv.settings import settings_from_config
 
-    logging.getLogger("flwr").setLevel(logging.WARNING)
+    for noisy in ("flwr", "alembic", "matplotlib"):  # INFO chatter (Flower's state DB migrations, plot units)
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         if cfg.get("resume"):
