@@ -382,12 +382,12 @@ def _model_setting(name: str, kwargs) -> str:
 
 
 def _training_setting(settings: dict) -> str:
-    """The DP-training techniques of a run in one cell, e.g. `sgd lr=0.2 cosine K=4 ema=0.6 best_val`
-    (runs that differ in any of them are different settings)."""
+    """The DP-training techniques of a run in one cell, e.g. `sgd lr=0.2 B=221 cosine K=4 ema=0.6
+    best_val` (runs that differ in any of them are different settings)."""
     training, evaluation = settings["training"], settings["evaluation"]
     ema = evaluation.get("ema")
     return " ".join([
-        f"{training['optimizer']} lr={training['lr']:g}", training.get("lr_schedule", "constant"),
+        f"{training['optimizer']} lr={training['lr']:g} B={training['batch_size']}", training.get("lr_schedule", "constant"),
         f"K={training.get('augmentations', 1)}", f"ema={ema:g}" if ema is not None else "no-ema",
         evaluation.get("select", "last"),
     ])
