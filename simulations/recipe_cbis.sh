@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Study (issue #6): the DP recipe of configs/experiment/recipe_cbis.yaml on the CBIS-DDSM patches.
-# 1. The ε grid × seeds, central (num_clients=1, batch 221: q = 0.2) and 3 hospitals (batch 74:
-#    q ≈ 0.2 each), each with its non-private reference → OUT/central/, OUT/federated/.
+# 1. The ε grid × seeds, central (num_clients=1) and 3 hospitals, batch 74 in both (q ≈ 0.067
+#    centrally, 0.2 at each hospital), each with its non-private twin → OUT/central/, OUT/federated/.
 # 2. Ablations, central at ε = ABLATION_EPSILON: the recipe with one technique changed
 #    → OUT/ablation/<name>/.
 # 3. One report over every run → OUT/report/ (the techniques of a row in its `training` column).
@@ -15,7 +15,7 @@ REFERENCE=simulations/reference/osuala2024_cbis.csv
 source simulations/_sweep.sh
 OUT=${1:-studies/recipe_cbis}
 shift || true
-declare -A SETTING=([central]="num_clients=1 training.batch_size=221" [federated]="num_clients=3 training.batch_size=74")
+declare -A SETTING=([central]="num_clients=1" [federated]="num_clients=3")
 declare -A ABLATION=(
   [clip1_lr02]="privacy.max_grad_norm=1 training.lr=0.2"  # the notes' clipping norm and learning rate
   [clip_schedule]="privacy.final_max_grad_norm=2"  # C decays geometrically 10 → 2 over the run

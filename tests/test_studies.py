@@ -18,8 +18,8 @@ def test_experiment_config_composes_into_valid_settings(experiment):
     settings = make_settings([f"+experiment={experiment}", "data.root=/data"] if "cbis" in experiment else [f"+experiment={experiment}"])
     if experiment.startswith("fairness"):
         assert settings.audit.name == "mia" and settings.num_clients >= 3
-    elif experiment == "recipe_cbis":  # the DP recipe (issue #6): SGD with momentum, q ≈ 0.2 on the 1,104 training patches
-        assert settings.training.optimizer == "sgd" and settings.training.batch_size / 1104 == pytest.approx(0.2, abs=0.01)
+    elif experiment == "recipe_cbis":  # the DP recipe (issue #6): SGD with momentum, q ≈ 0.2 at each of 3 hospitals (1,104 patches)
+        assert settings.training.optimizer == "sgd" and settings.training.batch_size / (1104 / 3) == pytest.approx(0.2, abs=0.01)
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
