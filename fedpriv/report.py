@@ -211,10 +211,16 @@ def reference_comparison(rows: list[dict], reference: list[dict]) -> list[str]:
     the series' mean test AUROC is above each published line."""
     epsilons = sorted({r["epsilon"] for r in reference})
     published = {name: dict(values) for name, values in groupby_name(reference).items()}
-    series = defaultdict(dict)
+    twin_keys = [k for k in SETTING_KEYS if k not in PRIVACY_KEYS]
+    series = defaultdict(dict)  # DP settings that differ only in ε (another clipping norm: another series)
     for row in rows:
-        series[tuple((k, row[k]) for k in SETTING_KEYS if k not in PRIVACY_KEYS)][row["epsilon"]] = row
-    varying = [k for k in SETTING_KEYS if k not in PRIVACY_KEYS and len({dict(key)[k] for key in series}) > 1]
+        if row["privacy"] != "none":
+            series[tuple((k, row[k]) for k in SETTING_KEYS if k != "epsilon")][row["epsilon"]] = row
+    for row in [r for r in rows if r["privacy"] == "none"]:  # a non-private run joins each series it is the twin of
+        twins = [key for key in series if all(dict(key)[k] == row[k] for k in twin_keys)]
+        for key in twins or [tuple((k, row[k]) for k in SETTING_KEYS if k != "epsilon")]:
+            series[key][math.inf] = row
+    varying = [k for k in SETTING_KEYS if k != "epsilon" and len({dict(key)[k] for key in series}) > 1]
     header = ["", *("∞" if math.isinf(e) else f"{e:g}" for e in epsilons), *(f"above {name}" for name in published)]
     lines = [
         "## Against published results",

@@ -121,6 +121,16 @@ def test_published_numbers_are_set_against_each_series_at_their_epsilons(tmp_pat
     assert lines["| fedpriv: num_clients=3"] == "| fedpriv: num_clients=3 | 0.530 ± 0.010 | 0.580 ± 0.010 | — | 2/2 |"
 
 
+def test_settings_differing_only_in_clipping_are_separate_series_sharing_the_non_private_twin():
+    from fedpriv.report import reference_comparison
+
+    reference = [{"name": "plain", "epsilon": e, "auroc": a} for e, a in ((6.0, 0.572), (math.inf, 0.778))]
+    rows = [_row(6.0, 0.61), _row(6.0, 0.59) | {"clip": "1→0.5"}, _row(math.inf, 0.70, privacy="none")]
+    lines = [line for line in reference_comparison(rows, reference) if line.startswith("| fedpriv")]
+    assert lines == ["| fedpriv: clip=1 | 0.610 ± 0.010 | 0.700 ± 0.010 | 1/2 |",
+                     "| fedpriv: clip=1→0.5 | 0.590 ± 0.010 | 0.700 ± 0.010 | 1/2 |"]
+
+
 @pytest.mark.parametrize("content, message", [
     ("name,eps,auroc\nplain,1,0.5\n", "columns name, epsilon, auroc"),
     ("name,epsilon,auroc\nplain,one,0.5\n", "line 2: epsilon and auroc must be numbers"),
