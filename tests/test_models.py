@@ -49,3 +49,18 @@ def test_a_stem_stride_of_two_halves_the_resolution_the_blocks_see():
 def test_a_misspelt_model_setting_is_a_clear_error_not_ignored():
     with pytest.raises(FedprivError, match="model.kwargs do not fit.*stem_strid"):
         build_model(ModelSettings("fedpriv_cnn_small", (("stem_strid", 2),)), 64)
+
+
+@pytest.mark.slow  # an 8.8M-parameter net: ~15-40 s on 2 cores
+def test_timm_normalization_free_nets_get_exact_per_sample_gradients():
+    """timm's NF nets (weight-standardized convs, no normalization layers) train under Opacus
+    through its per-layer functorch samplers: `model.name=nf_regnet_b0` needs nothing else."""
+    torch.manual_seed(0)
+    model = build_model(ModelSettings("nf_regnet_b0"), image_size=32)
+    x = torch.randn(2, 1, 32, 32)
+    GradSampleModule(model, loss_reduction="sum")(x).sum().backward()
+    per_sample = {n: p.grad_sample.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    model(x[1:]).sum().backward()
+    for name, p in model.named_parameters():
+        assert torch.allclose(per_sample[name][1], p.grad, atol=1e-5, rtol=1e-4), name
