@@ -203,8 +203,6 @@ def groupby_name(reference: list[dict]) -> dict[str, list[tuple[float, float]]]:
     return dict(named)
 
 
-
-
 def reference_comparison(rows: list[dict], reference: list[dict]) -> list[str]:
     """Markdown: each series of runs (settings that differ only in ε, non-private included)
     next to the published numbers, at the published ε values, and at how many of those ε
@@ -212,13 +210,17 @@ def reference_comparison(rows: list[dict], reference: list[dict]) -> list[str]:
     epsilons = sorted({r["epsilon"] for r in reference})
     published = {name: dict(values) for name, values in groupby_name(reference).items()}
     twin_keys = [k for k in SETTING_KEYS if k not in PRIVACY_KEYS]
+
+    def setting(row: dict) -> tuple:
+        return tuple((k, row[k]) for k in SETTING_KEYS if k != "epsilon")
+
     series = defaultdict(dict)  # DP settings that differ only in ε (another clipping norm: another series)
     for row in rows:
         if row["privacy"] != "none":
-            series[tuple((k, row[k]) for k in SETTING_KEYS if k != "epsilon")][row["epsilon"]] = row
+            series[setting(row)][row["epsilon"]] = row
     for row in [r for r in rows if r["privacy"] == "none"]:  # a non-private run joins each series it is the twin of
         twins = [key for key in series if all(dict(key)[k] == row[k] for k in twin_keys)]
-        for key in twins or [tuple((k, row[k]) for k in SETTING_KEYS if k != "epsilon")]:
+        for key in twins or [setting(row)]:
             series[key][math.inf] = row
     varying = [k for k in SETTING_KEYS if k != "epsilon" and len({dict(key)[k] for key in series}) > 1]
     header = ["", *("∞" if math.isinf(e) else f"{e:g}" for e in epsilons), *(f"above {name}" for name in published)]

@@ -17,9 +17,8 @@ from fedpriv.ema import update_average
 from fedpriv.errors import FedprivError
 from fedpriv.federation import RoundOutcome
 from fedpriv.outputs import RunDirectory
-from fedpriv.privacy.engine import make_private
+from fedpriv.privacy.engine import PrivateSession, make_private
 from fedpriv.privacy.ledger import PrivacyLedger
-from fedpriv.privacy.engine import PrivateSession
 from fedpriv.schedule import StepPlan, follow_clip_schedule, follow_lr_schedule, geometric_clip_norm
 from fedpriv import server
 from fedpriv.checkpoint import Checkpoint
@@ -99,11 +98,11 @@ def test_augmentations_need_augmented_views():
 
 def test_cosine_schedule_runs_over_the_planned_steps_of_the_whole_run(tmp_path):
     s = make_settings([*TINY, "privacy=none", "training.lr_schedule=cosine", "training.lr=0.1"])
-    trainer, examples = HospitalTrainer(s, str(tmp_path)), 30  # ceil(30 / 8) = 4 steps per round
+    trainer, per_round = HospitalTrainer(s, str(tmp_path)), 4  # e.g. 30 examples, batch 8
     seen = []
     for server_round in (1, 2):
         model = torch.nn.Linear(1, 1)
-        optimizer = trainer._optimizer(model, model.state_dict(), StepPlan.of_round(server_round, s.rounds, 4), 0.0)
+        optimizer = trainer._optimizer(model, model.state_dict(), StepPlan.of_round(server_round, s.rounds, per_round), 0.0)
         optimizer.register_step_post_hook(lambda opt, *_: seen.append(opt.param_groups[0]["lr"]))
         for _ in range(4):
             optimizer.step()
