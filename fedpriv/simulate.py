@@ -99,11 +99,11 @@ def resumed_config(cfg: DictConfig) -> DictConfig:
 
 @hydra.main(config_path="../configs", config_name="simulate", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    for noisy in ("flwr", "alembic", "matplotlib"):  # INFO chatter (Flower's state DB migrations, plot units)
+        logging.getLogger(noisy).setLevel(logging.WARNING)  # before the imports below log it
     from fedpriv.experiment import run_experiment
     from fedpriv.settings import settings_from_config
 
-    for noisy in ("flwr", "alembic", "matplotlib"):  # INFO chatter (Flower's state DB migrations, plot units)
-        logging.getLogger(noisy).setLevel(logging.WARNING)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         if cfg.get("resume"):

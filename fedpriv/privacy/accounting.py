@@ -13,6 +13,7 @@ from collections.abc import Iterable
 import numpy as np
 from opacus.accountants import RDPAccountant
 from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
+from scipy import special
 
 History = list[tuple[float, float, int]]
 
@@ -84,8 +85,72 @@ def epsilon_spent(history: Iterable[tuple[float, float, int]], delta: float) -> 
     return float(eps)
 
 
+#: Opacus' default RDP orders, split into the integer ones (a closed binomial sum, fast in
+#: Opacus) and the fractional ones (an infinite series, summed below with numpy).
+ORDERS = np.asarray(RDPAccountant.DEFAULT_ALPHAS, dtype=float)
+_FRACTIONAL = ORDERS != np.floor(ORDERS)
+
+
 @functools.lru_cache(maxsize=4096)
 def _rdp_per_step(noise_multiplier: float, sample_rate: float) -> np.ndarray:
-    return np.asarray(
-        compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1, orders=RDPAccountant.DEFAULT_ALPHAS)
+    """RDP of one step of the sampled Gaussian mechanism at Opacus' default orders.
+
+    Opacus' `compute_rdp`, except that the fractional orders' series is summed with numpy
+    (`_log_a_fractional`) instead of one Python iteration per term: the same terms, the same
+    stopping rule, about 30× faster. The privacy numbers agree with Opacus' to 1e-9
+    (tests/test_accounting.py); only their summation order differs.
+    """
+    if not (0.0 < sample_rate < 1.0 and noise_multiplier > 0):  # Opacus' special cases
+        return np.asarray(compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1, orders=ORDERS.tolist()))
+    rdp = np.empty_like(ORDERS)
+    rdp[~_FRACTIONAL] = compute_rdp(
+        q=sample_rate, noise_multiplier=noise_multiplier, steps=1, orders=ORDERS[~_FRACTIONAL].tolist()
     )
+    fractional = ORDERS[_FRACTIONAL]
+    rdp[_FRACTIONAL] = _log_a_fractional(sample_rate, noise_multiplier, fractional) / (fractional - 1)
+    return rdp
+
+
+def _log_a_fractional(q: float, sigma: float, alphas: np.ndarray) -> np.ndarray:
+    """log A_α of the sampled Gaussian mechanism at fractional orders α (Mironov, Talwar and
+    Zhang 2019, §3.3): the series of Opacus' `_compute_log_a_for_frac_alpha`, term for term,
+    evaluated as arrays (a row per order). A row's terms are summed up to and including the
+    first whose two parts are both below e^-30 (Opacus' rule); small orders need thousands
+    of terms, so rows still open are extended ×4 at a time."""
+    z0 = sigma**2 * math.log(1 / q - 1) + 0.5
+    log_a = np.empty_like(alphas)
+    pending, terms = np.arange(alphas.size), 64
+    while pending.size:
+        alpha = alphas[pending, None]
+        i = np.arange(terms, dtype=float)[None, :]
+        j = alpha - i
+        coef = special.binom(alpha, i)
+        log_coef = np.log(np.abs(coef))
+        # log(erfc(x) / 2) = log_ndtr(−√2·x), x = (i − z0)/(√2·σ) resp. (z0 − j)/(√2·σ)
+        log_s0 = log_coef + i * math.log(q) + j * math.log(1 - q) + (i * i - i) / (2 * sigma**2) + special.log_ndtr((z0 - i) / sigma)
+        log_s1 = log_coef + j * math.log(q) + i * math.log(1 - q) + (j * j - j) / (2 * sigma**2) + special.log_ndtr((j - z0) / sigma)
+        below = np.maximum(log_s0, log_s1) < -30
+        done = below.any(axis=1)
+        kept = i <= below[done].argmax(axis=1)[:, None]
+        positive, negative = kept & (coef[done] > 0), kept & (coef[done] < 0)
+        parts = [_log_difference(_log_sum(s[done], positive), _log_sum(s[done], negative)) for s in (log_s0, log_s1)]
+        log_a[pending[done]] = np.logaddexp(*parts)
+        pending, terms = pending[~done], terms * 4
+    if not np.isfinite(log_a).all():
+        raise ArithmeticError(f"the RDP series did not converge (q={q}, σ={sigma})")
+    return log_a
+
+
+def _log_sum(log_terms: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Row-wise log Σ exp(log_terms) over the masked terms (−∞ where a row has none)."""
+    masked = np.where(mask, log_terms, -np.inf)
+    top = masked.max(axis=1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        total = np.log(np.exp(masked - np.where(np.isfinite(top), top, 0)).sum(axis=1))
+    return total + np.where(np.isfinite(top[:, 0]), top[:, 0], 0)
+
+
+def _log_difference(log_x: np.ndarray, log_y: np.ndarray) -> np.ndarray:
+    """log(exp(log_x) − exp(log_y)); NaN where the difference is not positive."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(log_x > log_y, log_x + np.log1p(-np.exp(log_y - log_x)), np.nan)
