@@ -3,10 +3,14 @@ each round, per-hospital test subgroups capped, and the device each hospital tra
 
 import json
 import logging
+import threading
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+from flwr.app import Message, MessageType, RecordDict
+from flwr.server.superlink.fleet.vce import vce_api
 
 import fedpriv.client as client
 from conftest import TINY, make_settings
@@ -15,7 +19,7 @@ from fedpriv.data.sources import load_splits
 from fedpriv.devices import backend_device, choose_device
 from fedpriv.errors import FedprivError
 from fedpriv.experiment import prepare, run_experiment
-from fedpriv.federation import RoundOutcome
+from fedpriv.federation import RoundOutcome, nodes_with_undelivered_messages
 from fedpriv.outputs import RunDirectory
 from fedpriv.privacy.ledger import PrivacyLedger
 from fedpriv.server import initial_weights, run_rounds
@@ -121,6 +125,21 @@ def test_a_hundred_hospitals_ten_per_round_run_end_to_end(tmp_path):
     trained = {h for line in lines for h in line["hospitals_trained"]}
     assert len(hospitals) == 100 and {int(h) for h, v in hospitals.items() if v["epsilon"] > 0} == trained
     assert all(0 < v["epsilon"] <= 8.0 for h, v in hospitals.items() if int(h) in trained)
+    assert vce_api.add_messages_to_queue.__module__ == vce_api.__name__  # Flower's own again after the run
+
+
+def test_the_engine_asks_only_hospitals_with_an_undelivered_message_in_flowers_order():
+    """The message sweep that replaces Flower's (which asks all 1000 hospitals every 0.1 s)."""
+    def message(node: int, delivered: bool) -> Message:
+        msg = Message(RecordDict(), dst_node_id=node, message_type=MessageType.QUERY)
+        msg.metadata.delivered_at = "2026-01-01T00:00:00" if delivered else ""
+        return msg
+
+    store = {str(i): message(node, delivered) for i, (node, delivered) in enumerate([(7, False), (3, True), (5, False), (7, False)])}
+    state = SimpleNamespace(message_ins_store=store, lock=threading.RLock())
+    nodes_mapping = {9: 0, 7: 1, 5: 2, 3: 3, 1: 4}  # node id → partition, Flower's iteration order
+    assert nodes_with_undelivered_messages(state, nodes_mapping) == [7, 5]
+    assert nodes_with_undelivered_messages(SimpleNamespace(), nodes_mapping) == [9, 7, 5, 3, 1]  # another LinkState
 
 
 @pytest.mark.slow
