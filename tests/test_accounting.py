@@ -41,6 +41,12 @@ def test_rdp_curve_is_opacus_curve_at_every_order(sample_rate, sigma):
     np.testing.assert_allclose(ours, opacus, rtol=1e-8, atol=1e-11)  # ε moves < 1e-6 over 1e5 steps
 
 
+def test_a_series_that_would_not_end_is_an_error_not_a_hang(monkeypatch):
+    monkeypatch.setattr(accounting, "MAX_SERIES_TERMS", 256)  # α = 1.1 at q = 1/3, σ = 1 needs 3922 terms
+    with pytest.raises(ArithmeticError, match="did not converge"):
+        accounting._rdp_per_step.__wrapped__(1.0, 1 / 3)
+
+
 @pytest.mark.parametrize("sigma, sample_rate", [(0.0, 0.1), (1.0, 0.0), (1.0, 1.0)])
 def test_rdp_edge_cases_are_opacus_own(sigma, sample_rate):
     ours = accounting._rdp_per_step.__wrapped__(sigma, sample_rate)

@@ -89,6 +89,8 @@ def epsilon_spent(history: Iterable[tuple[float, float, int]], delta: float) -> 
 #: Opacus) and the fractional ones (an infinite series, summed below with numpy).
 ORDERS = np.asarray(RDPAccountant.DEFAULT_ALPHAS, dtype=float)
 _FRACTIONAL = ORDERS != np.floor(ORDERS)
+#: Where Opacus' loop would run on forever, this stops (α = 1.1 at q = 1/3, σ = 1 needs 3922).
+MAX_SERIES_TERMS = 2**20
 
 
 @functools.lru_cache(maxsize=4096)
@@ -97,7 +99,7 @@ def _rdp_per_step(noise_multiplier: float, sample_rate: float) -> np.ndarray:
 
     Opacus' `compute_rdp`, except that the fractional orders' series is summed with numpy
     (`_log_a_fractional`) instead of one Python iteration per term: the same terms, the same
-    stopping rule, about 30× faster. The privacy numbers agree with Opacus' to 1e-9
+    stopping rule, 10–20× faster. The privacy numbers agree with Opacus' to 1e-8
     (tests/test_accounting.py); only their summation order differs.
     """
     if not (0.0 < sample_rate < 1.0 and noise_multiplier > 0):  # Opacus' special cases
@@ -125,7 +127,8 @@ def _log_a_fractional(q: float, sigma: float, alphas: np.ndarray) -> np.ndarray:
         i = np.arange(terms, dtype=float)[None, :]
         j = alpha - i
         coef = special.binom(alpha, i)
-        log_coef = np.log(np.abs(coef))
+        with np.errstate(divide="ignore"):  # a coefficient that underflows to 0 adds nothing
+            log_coef = np.log(np.abs(coef))
         # log(erfc(x) / 2) = log_ndtr(−√2·x), x = (i − z0)/(√2·σ) resp. (z0 − j)/(√2·σ)
         log_s0 = log_coef + i * math.log(q) + j * math.log(1 - q) + (i * i - i) / (2 * sigma**2) + special.log_ndtr((z0 - i) / sigma)
         log_s1 = log_coef + j * math.log(q) + i * math.log(1 - q) + (j * j - j) / (2 * sigma**2) + special.log_ndtr((j - z0) / sigma)
@@ -136,6 +139,8 @@ def _log_a_fractional(q: float, sigma: float, alphas: np.ndarray) -> np.ndarray:
         parts = [_log_difference(_log_sum(s[done], positive), _log_sum(s[done], negative)) for s in (log_s0, log_s1)]
         log_a[pending[done]] = np.logaddexp(*parts)
         pending, terms = pending[~done], terms * 4
+        if pending.size and terms > MAX_SERIES_TERMS:
+            raise ArithmeticError(f"the RDP series did not converge in {MAX_SERIES_TERMS} terms (q={q}, σ={sigma})")
     if not np.isfinite(log_a).all():
         raise ArithmeticError(f"the RDP series did not converge (q={q}, σ={sigma})")
     return log_a
