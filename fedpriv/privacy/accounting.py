@@ -135,8 +135,11 @@ def _log_a_fractional(q: float, sigma: float, alphas: np.ndarray) -> np.ndarray:
         below = np.maximum(log_s0, log_s1) < -30
         done = below.any(axis=1)
         kept = i <= below[done].argmax(axis=1)[:, None]
-        positive, negative = kept & (coef[done] > 0), kept & (coef[done] < 0)
-        parts = [_log_difference(_log_sum(s[done], positive), _log_sum(s[done], negative)) for s in (log_s0, log_s1)]
+        signs = np.where(kept, np.sign(coef[done]), 0.0)  # the binomial coefficients alternate in sign
+        parts = []
+        for log_s in (log_s0, log_s1):
+            value, sign = special.logsumexp(np.where(kept, log_s[done], -np.inf), b=signs, axis=1, return_sign=True)
+            parts.append(np.where(sign > 0, value, np.nan))  # a non-positive sum: not converged
         log_a[pending[done]] = np.logaddexp(*parts)
         pending, terms = pending[~done], terms * 4
         if pending.size and terms > MAX_SERIES_TERMS:
@@ -145,17 +148,3 @@ def _log_a_fractional(q: float, sigma: float, alphas: np.ndarray) -> np.ndarray:
         raise ArithmeticError(f"the RDP series did not converge (q={q}, σ={sigma})")
     return log_a
 
-
-def _log_sum(log_terms: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """Row-wise log Σ exp(log_terms) over the masked terms (−∞ where a row has none)."""
-    masked = np.where(mask, log_terms, -np.inf)
-    top = masked.max(axis=1, keepdims=True)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        total = np.log(np.exp(masked - np.where(np.isfinite(top), top, 0)).sum(axis=1))
-    return total + np.where(np.isfinite(top[:, 0]), top[:, 0], 0)
-
-
-def _log_difference(log_x: np.ndarray, log_y: np.ndarray) -> np.ndarray:
-    """log(exp(log_x) − exp(log_y)); NaN where the difference is not positive."""
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(log_x > log_y, log_x + np.log1p(-np.exp(log_y - log_x)), np.nan)
