@@ -234,7 +234,8 @@ def run_federation(server: ServerApp, client: ClientApp, num_clients: int, backe
     # cluster happens to run on this machine (which ray.init() would join by default).
     init_args["address"] = backend.address or os.environ.get("RAY_ADDRESS") or "local"
     backend_config = {"client_resources": dict(backend.client_resources), "init_args": init_args}
-    flower_sweep, vce_api.add_messages_to_queue = vce_api.add_messages_to_queue, queue_pending_messages
+    flower_sweep = vce_api.add_messages_to_queue
+    vce_api.add_messages_to_queue = queue_pending_messages  # for this run only (see its docstring)
     try:
         run_simulation(
             server_app=server, client_app=client, num_supernodes=num_clients, backend_config=backend_config

@@ -147,4 +147,3 @@ def _log_a_fractional(q: float, sigma: float, alphas: np.ndarray) -> np.ndarray:
     if not np.isfinite(log_a).all():
         raise ArithmeticError(f"the RDP series did not converge (q={q}, σ={sigma})")
     return log_a
-
