@@ -20,7 +20,7 @@ from fedpriv.data.partition import partition_by_patient
 from fedpriv.data.records import ImageRecords
 from fedpriv.data.sources import load_splits
 from fedpriv.devices import backend_device
-from fedpriv.models import build_model
+from fedpriv.models import build_model, freeze_backbone
 from fedpriv.errors import FedprivError
 from fedpriv.privacy.accounting import epsilon_spent, poisson_plan
 from fedpriv.privacy.engine import make_private
@@ -33,7 +33,7 @@ from fedpriv.privacy.hospital_state import (
 )
 from fedpriv.privacy.plan import classifier_mechanism, gan_mechanism, synthetic_per_round
 from fedpriv.schedule import StepPlan, follow_clip_schedule, follow_lr_schedule
-from fedpriv.settings import DataSettings, FaultSettings, PartitionSettings, RunSettings
+from fedpriv.settings import DataSettings, FaultSettings, PartitionSettings, RunSettings, TrainingSettings
 from fedpriv.synthetic.gan import balanced_labels, generate
 from fedpriv.synthetic.pool import SyntheticPool
 from fedpriv.synthetic.train import train_gan
@@ -62,6 +62,14 @@ def hospital_shard(settings: RunSettings, hospital: int) -> ImageRecords:
     """This hospital's training records (a few recent hospitals kept per worker process)."""
     train, rows = hospital_rows(settings, hospital)
     return train.subset(rows)
+
+
+def backbone_frozen(training: TrainingSettings, server_round: int) -> bool:
+    """training.freeze=backbone: only the head trains in rounds 1..freeze_rounds (every round
+    when null), then everything (DP-RandP's linear probing before fine-tuning)."""
+    if training.freeze != "backbone":
+        return False
+    return training.freeze_rounds is None or server_round <= training.freeze_rounds
 
 
 def round_seed(seed: int, server_round: int, hospital: int) -> int:
@@ -137,6 +145,8 @@ class HospitalTrainer:
         shard = hospital_shard(s, hospital)
         model = build_model(s.model, s.data.image_size)
         model.load_state_dict(weights)
+        if backbone_frozen(s.training, server_round):
+            freeze_backbone(model, s.model.name)
         model.to(device)
         views = s.training.augmentations
         dataset = RecordDataset(shard, s.data.augment, views)

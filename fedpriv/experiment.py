@@ -21,6 +21,7 @@ from fedpriv.errors import FedprivError
 from fedpriv.models import build_model
 from fedpriv.federation import build_client_app, build_server_app, run_federation
 from fedpriv.outputs import RunDirectory
+from fedpriv.priors.start import starting_weights
 from fedpriv.privacy.accounting import epsilon_spent
 from fedpriv.privacy.plan import classifier_mechanism, gan_mechanism
 from fedpriv.privacy.ledger import PrivacyLedger
@@ -146,6 +147,9 @@ def prepare(settings: RunSettings) -> Plan:
     if settings.privacy.local:
         warn_delta(settings, min(row["images"] for row in table))
         check_budget_allows_one_round(settings, table)
+    # the starting weights (a prior is computed, or read from its cache, here, before any
+    # hospital starts; a bad model.init file stops the run here)
+    starting_weights(settings.model, settings.prior, settings.data.image_size, settings.seed)
     return Plan(splits, shards, table)
 
 
@@ -271,7 +275,7 @@ def make_summary(
     (its round under `round`)."""
     utility_keys = ("auroc", "auprc", "accuracy", "sensitivity", "specificity")
     hospitals = [row["hospital"] for row in table]
-    privacy: dict = {"mode": settings.privacy.mode}
+    privacy: dict = {"mode": settings.privacy.mode, "public_steps": [dict(step) for step in ledger.public]}
     if settings.privacy.central:
         releases = ledger.entries_of(FEDERATION)
         privacy["client_level"] = {

@@ -17,6 +17,7 @@ from timm import create_model, is_model, list_models
 from timm.models import register_model
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from fedpriv.errors import FedprivError
 from fedpriv.settings import ModelSettings
@@ -113,6 +114,10 @@ class SmallGroupNormCNN(nn.Module):
         pooled = x.mean(dim=(2, 3))
         return pooled if pre_logits else self.head(pooled)
 
+    def get_classifier(self) -> nn.Module:
+        """timm's interface: the classifier head (what training.freeze=backbone trains)."""
+        return self.head
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
 
@@ -132,13 +137,15 @@ def _own_model_kwargs(pretrained: bool, kwargs: dict) -> dict:
     return {k: v for k, v in kwargs.items() if k not in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")}
 
 
-def build_model(settings: ModelSettings, image_size: int, in_chans: int = 1) -> nn.Module:
-    """A one-logit classifier from timm's registry, fixed for Opacus (BatchNorm → GroupNorm)."""
+def build_model(settings: ModelSettings, image_size: int, in_chans: int = 1, pretrained: bool = False) -> nn.Module:
+    """A one-logit classifier from timm's registry, fixed for Opacus (BatchNorm → GroupNorm,
+    the BatchNorm's affine weights carried over). `pretrained`: timm's weights from the local
+    cache (fedpriv.priors.start asks for them once, for the run's starting point)."""
     if not is_model(settings.name):
         close = list_models(f"*{settings.name.split('_')[0]}*")[:5]
         raise FedprivError(f"model.name={settings.name!r} is not in timm's registry (similar: {close})")
     kwargs = dict(settings.kwargs)
-    kwargs.setdefault("pretrained", False)
+    kwargs.setdefault("pretrained", pretrained)
     try:
         try:
             model = create_model(settings.name, num_classes=1, in_chans=in_chans, img_size=image_size, **kwargs)
@@ -152,13 +159,43 @@ def build_model(settings: ModelSettings, image_size: int, in_chans: int = 1) -> 
 
 def make_opacus_compatible(model: nn.Module) -> nn.Module:
     """BatchNorm → GroupNorm (Opacus' ModuleValidator) and no in-place activations, which
-    break Opacus' backward hooks."""
+    break Opacus' backward hooks. The BatchNorm's learned scale and shift are copied into the
+    GroupNorm that replaces it (Opacus would start it at 1 and 0, losing pretrained weights)."""
     if ModuleValidator.validate(model, strict=False):
+        affine = {
+            name: (m.weight.detach().clone(), m.bias.detach().clone())
+            for name, m in model.named_modules()
+            if isinstance(m, _BatchNorm) and m.affine
+        }
         model = ModuleValidator.fix(model)
+        replaced = dict(model.named_modules())
+        with torch.no_grad():
+            for name, (weight, bias) in affine.items():
+                norm = replaced[name]
+                if isinstance(norm, nn.GroupNorm) and norm.affine:
+                    norm.weight.copy_(weight)
+                    norm.bias.copy_(bias)
     for module in model.modules():
         if getattr(module, "inplace", False):
             module.inplace = False
     return model
+
+
+def takes_volumes(model: nn.Module) -> bool:
+    """Whether the model reads 3D volumes (it has 3D convolutions)."""
+    return any(isinstance(m, nn.Conv3d) for m in model.modules())
+
+
+def freeze_backbone(model: nn.Module, settings_name: str) -> None:
+    """Train only the classifier head (timm's `get_classifier`): every other parameter stops
+    requiring gradients, so DP-SGD clips and noises the head alone."""
+    if not hasattr(model, "get_classifier"):
+        raise FedprivError(f"training.freeze=backbone needs a model with timm's get_classifier(); model.name={settings_name} has none")
+    head = {id(p) for p in model.get_classifier().parameters()}
+    if not head:
+        raise FedprivError(f"training.freeze=backbone: model.name={settings_name} has no classifier parameters to train")
+    for parameter in model.parameters():
+        parameter.requires_grad_(id(parameter) in head)
 
 
 def _conv3d_gn(in_ch: int, out_ch: int, stride: int = 1) -> nn.Sequential:
@@ -188,6 +225,9 @@ class SmallGroupNormCNN3d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x).mean(dim=(2, 3, 4)))
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
 
 
 @register_model

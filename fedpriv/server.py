@@ -23,6 +23,7 @@ from fedpriv.metrics import auroc, binary_metrics, bootstrap_interval, fairness_
 from fedpriv.models import build_model
 from fedpriv.outputs import RunDirectory
 from fedpriv.privacy.hospital_state import history_from_metrics
+from fedpriv.priors.start import starting_weights
 from fedpriv.privacy.ledger import PrivacyLedger
 from fedpriv.settings import RunSettings
 from fedpriv.training import predict
@@ -37,8 +38,8 @@ log = logging.getLogger(__name__)
 
 
 def initial_weights(settings: RunSettings) -> dict[str, torch.Tensor]:
-    torch.manual_seed(settings.seed)
-    return build_model(settings.model, settings.data.image_size).state_dict()
+    """The global model before round 1 (fedpriv.priors.start: random, a prior or given weights)."""
+    return starting_weights(settings.model, settings.prior, settings.data.image_size, settings.seed)[0]
 
 
 def global_model(settings: RunSettings, weights: dict) -> torch.nn.Module:
@@ -108,13 +109,16 @@ def run_rounds(
     under evaluation.ema, of the last round or, under evaluation.select=best_val, of the
     round with the best validation AUROC. A checkpoint is written after every round."""
     np.random.seed(settings.seed)  # Flower's central-DP wrappers draw noise from numpy's global RNG
-    weights, lines, first_round, average, selected = initial_weights(settings), [], 1, None, None
+    weights, public_steps = starting_weights(settings.model, settings.prior, settings.data.image_size, settings.seed)
+    lines, first_round, average, selected = [], 1, None, None
     select_on_val = settings.evaluation.select == "best_val"
     if resume_from is not None:
         weights, lines, first_round = resume_from.weights, list(resume_from.lines), resume_from.round + 1
         average, selected = resume_from.ema, resume_from.selected
         federation.strategy = pickle.loads(resume_from.strategy)
         resume_from.restore_rngs()
+    else:
+        ledger.public = public_steps  # how the run started: steps that touched no private record (ε = 0)
     hospitals = _sync_ledger(ledger, settings, federation.describe_hospitals())
     if settings.synthetic.enabled:
         weights = _use_synthetic(federation, settings, run, ledger, weights, first_round)

@@ -106,10 +106,38 @@ DATA_SETTINGS: dict[str, type] = {
 
 @dataclass(frozen=True)
 class ModelSettings:
-    """A model from timm's registry (fedpriv registers its own DP-friendly ones there)."""
+    """A model from timm's registry (fedpriv registers its own DP-friendly ones there);
+    `init`: a state-dict or safetensors file to start from; `pretrained`: timm's own weights,
+    from the local cache only (nothing downloads at run time)."""
 
     name: str
     kwargs: tuple[tuple[str, Any], ...] = ()
+    init: str | None = None
+    pretrained: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class PriorSettings:
+    """`prior=none | phantom | random_process` (configs/prior/): initial weights learned on
+    generated images before any private record is touched (ε = 0), cached in `cache_dir`.
+    `phantom`: supervised on `num_patients` phantom patients (`class_separation` as the data
+    option); `random_process`: SimCLR on dead-leaves and 1/f images (`temperature`). Both run
+    `steps` steps of `batch_size` with `optimizer` at rate `lr` (one cycle)."""
+
+    name: str
+    cache_dir: str = "~/.cache/fedpriv/priors"
+    steps: int | None = None
+    batch_size: int | None = None
+    optimizer: str | None = None  # sgd (momentum 0.9) | adamw
+    lr: float | None = None
+    weight_decay: float | None = None
+    num_patients: int | None = None  # phantom
+    class_separation: float | None = None  # phantom
+    temperature: float | None = None  # random_process
+
+    def shape(self) -> dict:
+        """What shapes the prior's weights (the cache folder does not)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "cache_dir"}
 
 
 @dataclass(frozen=True)
@@ -180,6 +208,8 @@ class TrainingSettings:
     augmentations: int
     lr_schedule: str
     max_physical_batch_size: int | None
+    freeze: str = "none"  # none | backbone: train only the classifier head (timm's get_classifier)
+    freeze_rounds: int | None = None  # with freeze=backbone: frozen in rounds 1..freeze_rounds, then all; null = every round
 
 
 @dataclass(frozen=True)
@@ -300,6 +330,7 @@ class RunSettings:
     evaluation: EvaluationSettings
     audit: AuditSettings
     synthetic: SyntheticSettings
+    prior: PriorSettings
     faults: FaultSettings
     backend: BackendSettings
     resume: str | None = None  # a run directory to continue from its last checkpoint
@@ -339,6 +370,7 @@ def settings_from_config(cfg: DictConfig) -> RunSettings:
         evaluation=_build(EvaluationSettings, raw["evaluation"], "evaluation"),
         audit=_build(AuditSettings, raw["audit"], "audit"),
         synthetic=_build(SyntheticSettings, raw["synthetic"], "synthetic"),
+        prior=_build(PriorSettings, raw["prior"], "prior"),
         faults=_build(FaultSettings, raw["faults"], "faults"),
         resume=_optional_str(raw, "resume"),
         backend=_build(BackendSettings, raw["backend"], "backend"),
@@ -464,6 +496,7 @@ def validate(s: RunSettings) -> None:
         c = s.audit.confidence
         _require(c is not None and 0 < c < 1, f"audit.confidence={c} must be strictly between 0 and 1")
     _validate_synthetic(s)
+    _validate_prior(s)
     f = s.faults
     _require(f.client_timeout > 0, f"faults.client_timeout={f.client_timeout} must be > 0 seconds")
     _require(1 <= f.min_replies <= s.num_clients, f"faults.min_replies={f.min_replies} must be between 1 and num_clients={s.num_clients}")
@@ -521,6 +554,38 @@ def validate(s: RunSettings) -> None:
     if isinstance(d, ManifestDataSettings):
         missing = [k for k in ("path", "label", "patient_id") if k not in dict(d.columns)]
         _require(not missing, f"data.columns.{missing[0] if missing else ''} is not set; map it to a CSV column")
+
+
+PRIOR_NAMES = ("none", "phantom", "random_process")
+FREEZE_MODES = ("none", "backbone")
+
+
+def _validate_prior(s: RunSettings) -> None:
+    """The prior group, the freeze schedule and the model's starting weights."""
+    p, t = s.prior, s.training
+    _require(p.name in PRIOR_NAMES, f"prior={p.name!r} is unknown; choose one of {PRIOR_NAMES}")
+    if p.name != "none":
+        for key in ("steps", "batch_size") + (("num_patients",) if p.name == "phantom" else ()):
+            value = getattr(p, key)
+            _require(isinstance(value, int) and value >= 1, f"prior.{key}={value!r} must be an integer ≥ 1")
+        for key in ("lr", "weight_decay") + (("class_separation",) if p.name == "phantom" else ("temperature",)):
+            value = getattr(p, key)
+            _require(value is not None and math.isfinite(value) and value >= 0, f"prior.{key}={value!r} must be a number ≥ 0")
+        _require(p.lr > 0, f"prior.lr={p.lr} must be > 0")
+        _require(p.optimizer in OPTIMIZERS, f"prior.optimizer={p.optimizer!r} must be one of {OPTIMIZERS}")
+        if p.name == "random_process":
+            _require(p.batch_size >= 2 and p.temperature > 0, "prior.batch_size must be ≥ 2 and prior.temperature > 0 (contrastive pairs)")
+        _require(
+            s.model.init is None and not s.model.pretrained,
+            f"prior={p.name} and model.init / model.pretrained both set the starting weights; keep one",
+        )
+    _require(not (s.model.init and s.model.pretrained), "model.init and model.pretrained=true both set the starting weights; keep one")
+    if s.model.init is not None:
+        _require(Path(s.model.init).expanduser().is_file(), f"model.init={s.model.init}: no such file; give a .pt/.pth state dict or a .safetensors file")
+    _require(t.freeze in FREEZE_MODES, f"training.freeze={t.freeze!r} must be one of {FREEZE_MODES}")
+    if t.freeze_rounds is not None:
+        _require(t.freeze == "backbone", "training.freeze_rounds needs training.freeze=backbone")
+        _require(1 <= t.freeze_rounds <= s.rounds, f"training.freeze_rounds={t.freeze_rounds} must be between 1 and rounds={s.rounds} (null = every round)")
 
 
 def _validate_synthetic(s: RunSettings) -> None:
@@ -598,7 +663,16 @@ def _model_settings(raw: dict) -> ModelSettings:
         raise FedprivError(f"model.name={name!r} must name a model in timm's registry (see configs/model/)")
     if not isinstance(kwargs, dict):
         raise FedprivError(f"model.kwargs={kwargs!r} must be a mapping of timm.create_model arguments")
-    return ModelSettings(name=name, kwargs=_freeze(kwargs))
+    unknown = sorted(set(raw) - {"name", "kwargs", "init", "pretrained"})
+    if unknown:
+        raise FedprivError(f"model.{unknown[0]} is not a setting of model; known keys: ['init', 'kwargs', 'name', 'pretrained']")
+    init = raw.get("init")
+    if init is not None and (not isinstance(init, str) or not init):
+        raise FedprivError(f"model.init={init!r} must be the path of a weights file (or null)")
+    pretrained = raw.get("pretrained", False)
+    if not isinstance(pretrained, bool):
+        raise FedprivError(f"model.pretrained={pretrained!r} must be true or false")
+    return ModelSettings(name=name, kwargs=_freeze(kwargs), init=init, pretrained=pretrained)
 
 
 def _optional_str(raw: dict, key: str) -> str | None:

@@ -46,6 +46,8 @@ class PrivacyLedger:
 
     delta: float
     entries: list[LedgerEntry] = field(default_factory=list)
+    #: Steps that touched no private record (a prior, given weights): ε = 0, listed for the record.
+    public: list[dict] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self._by_hospital: dict[int, list[LedgerEntry]] = {}
@@ -117,6 +119,7 @@ class PrivacyLedger:
             "epsilon": {str(h): e for h, e in self.epsilons(hospitals).items()},
             "client_level_epsilon": self.client_level_epsilon(),
             "entries": [asdict(e) for e in self.entries],
+            "public_steps": [dict(step) for step in self.public],
         }
 
     def save(self, path: Path, hospitals: list[int]) -> None:
@@ -124,4 +127,4 @@ class PrivacyLedger:
 
     @classmethod
     def from_dict(cls, payload: dict) -> PrivacyLedger:
-        return cls(payload["delta"], [LedgerEntry(**e) for e in payload["entries"]])
+        return cls(payload["delta"], [LedgerEntry(**e) for e in payload["entries"]], list(payload.get("public_steps", [])))
