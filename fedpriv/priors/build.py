@@ -111,14 +111,15 @@ def train_random_process_prior(prior: PriorSettings, model_settings: ModelSettin
 
 
 def _step(optimizer, schedule, loss: torch.Tensor, step: int, steps: int) -> None:
-    if not math.isfinite(float(loss)):
-        raise FedprivError(f"the prior's loss became {float(loss)} at step {step}; lower prior.lr")
+    value = loss.item()
+    if not math.isfinite(value):
+        raise FedprivError(f"the prior's loss became {value} at step {step}; lower prior.lr")
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
     schedule.step()
     if (step + 1) % max(1, steps // 10) == 0:
-        log.info("prior: step %d/%d, loss %.4f", step + 1, steps, float(loss))
+        log.info("prior: step %d/%d, loss %.4f", step + 1, steps, value)
 
 
 PRIORS: dict[str, Callable[[PriorSettings, ModelSettings, int, int], dict]] = {

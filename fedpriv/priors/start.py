@@ -4,12 +4,16 @@ weights (`model.pretrained`). Each non-random start is a public step of the ledg
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
+from huggingface_hub import try_to_load_from_cache
+from timm.models import get_pretrained_cfg
 from torch import nn
 
 from fedpriv.errors import FedprivError
@@ -47,24 +51,43 @@ def _starting_weights(model: ModelSettings, prior: PriorSettings, image_size: in
 
 
 def _pretrained(model: ModelSettings, image_size: int) -> dict:
-    """timm's weights for the model from the local cache only (Hugging Face hub offline)."""
-    previous = os.environ.get("HF_HUB_OFFLINE")
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    try:
-        return build_model(model, image_size, pretrained=True).state_dict()
-    except FedprivError:
-        raise
-    except Exception as error:  # the hub's and timm's errors for a missing local copy vary
-        raise FedprivError(
-            f"model.pretrained=true: no local copy of timm's weights for model.name={model.name} "
-            f"({type(error).__name__}); nothing downloads at run time — fetch them once where the hub is "
-            "reachable (timm.create_model(NAME, pretrained=True)), or pass a weights file with model.init=PATH"
-        ) from None
-    finally:
-        if previous is None:
-            os.environ.pop("HF_HUB_OFFLINE", None)
-        else:
-            os.environ["HF_HUB_OFFLINE"] = previous
+    """timm's weights for the model, read from a local file only: nothing downloads at run time."""
+    local = _local_pretrained_file(model)
+    kwargs = {k: v for k, v in model.kwargs if k != "pretrained_cfg_overlay"}
+    overlay = {**dict(dict(model.kwargs).get("pretrained_cfg_overlay") or ()), "file": local}
+    given = dataclasses.replace(model, kwargs=(*sorted(kwargs.items()), ("pretrained_cfg_overlay", overlay)))
+    return build_model(given, image_size, pretrained=True).state_dict()
+
+
+#: The weight files timm reads from a Hugging Face hub repository, in its order of preference.
+_HUB_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+def _local_pretrained_file(model: ModelSettings) -> str:
+    """Where timm's pretrained weights for the model lie on this machine: a file given in
+    model.kwargs.pretrained_cfg_overlay, the Hugging Face hub cache, or torch.hub's cache."""
+    overlay = dict(dict(model.kwargs).get("pretrained_cfg_overlay") or ())
+    if overlay.get("file"):
+        if not Path(overlay["file"]).expanduser().is_file():
+            raise FedprivError(f"model.kwargs.pretrained_cfg_overlay.file={overlay['file']}: no such file")
+        return str(Path(overlay["file"]).expanduser())
+    cfg = get_pretrained_cfg(model.name)
+    if cfg is None:
+        raise FedprivError(f"model.pretrained=true: timm has no pretrained weights for model.name={model.name}")
+    candidates = []
+    if cfg.hf_hub_id:
+        repo = cfg.hf_hub_id.split("@")[0]
+        candidates += [try_to_load_from_cache(repo, name) for name in _HUB_FILES]
+    if cfg.url:
+        candidates.append(os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urlparse(cfg.url).path)))
+    for candidate in candidates:
+        if isinstance(candidate, str) and os.path.isfile(candidate):
+            return candidate
+    raise FedprivError(
+        f"model.pretrained=true: no local copy of timm's weights for model.name={model.name} "
+        f"({cfg.hf_hub_id or cfg.url}); nothing downloads at run time — fetch them once where the hub is "
+        "reachable (timm.create_model(NAME, pretrained=True)), or pass a weights file with model.init=PATH"
+    )
 
 
 def read_weights_file(path: Path) -> dict[str, torch.Tensor]:
