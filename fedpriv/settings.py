@@ -121,11 +121,13 @@ class PriorSettings:
     """`prior=none | phantom | random_process` (configs/prior/): initial weights learned on
     generated images before any private record is touched (ε = 0), cached in `cache_dir`.
     `phantom`: supervised on `num_patients` phantom patients (`class_separation` as the data
-    option); `random_process`: SimCLR on dead-leaves and 1/f images (`temperature`). Both run
+    option); `random_process`: SimCLR on dead-leaves and 1/f images (`temperature`). `seed`
+    is the prior's own (not the run's), so the runs of a sweep share one prior. Both run
     `steps` steps of `batch_size` with `optimizer` at rate `lr` (one cycle)."""
 
     name: str
     cache_dir: str = "~/.cache/fedpriv/priors"
+    seed: int = 0  # the prior's own seed: every run of a sweep (any run seed) shares one prior
     steps: int | None = None
     batch_size: int | None = None
     optimizer: str | None = None  # sgd (momentum 0.9) | adamw
@@ -136,8 +138,8 @@ class PriorSettings:
     temperature: float | None = None  # random_process
 
     def shape(self) -> dict:
-        """What shapes the prior's weights (the cache folder does not)."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if k != "cache_dir"}
+        """What shapes the prior's weights besides its seed (the cache folder does not)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("cache_dir", "seed")}
 
 
 @dataclass(frozen=True)
@@ -565,6 +567,7 @@ def _validate_prior(s: RunSettings) -> None:
     p, t = s.prior, s.training
     _require(p.name in PRIOR_NAMES, f"prior={p.name!r} is unknown; choose one of {PRIOR_NAMES}")
     if p.name != "none":
+        _require(p.seed >= 0, f"prior.seed={p.seed} must be a non-negative integer")
         for key in ("steps", "batch_size") + (("num_patients",) if p.name == "phantom" else ()):
             value = getattr(p, key)
             _require(isinstance(value, int) and value >= 1, f"prior.{key}={value!r} must be an integer ≥ 1")

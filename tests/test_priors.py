@@ -37,11 +37,11 @@ def tiny_prior(name: str, folder, **changes) -> PriorSettings:
 
 def test_a_cached_prior_is_reused_only_for_identical_settings(tmp_path):
     prior = tiny_prior("phantom", tmp_path)
-    weights, step = prior_weights(prior, CNN, 32, seed=0)
+    weights, step = prior_weights(prior, CNN, 32)
     files = sorted(tmp_path.glob("*.pt"))
     assert len(files) == 1 and step["epsilon"] == 0.0 and step["mechanism"] == "public-prior"
     stamp = files[0].stat().st_mtime_ns
-    again, step_again = prior_weights(prior, CNN, 32, seed=0)
+    again, step_again = prior_weights(prior, CNN, 32)
     assert step_again["cache_key"] == step["cache_key"] and files[0].stat().st_mtime_ns == stamp
     assert all(torch.equal(weights[k], again[k]) for k in weights)
     # Anything that shapes the weights gives a new key and a new file, never the stale prior.
@@ -56,9 +56,9 @@ def test_a_cached_prior_is_reused_only_for_identical_settings(tmp_path):
     ]
     keys = {step["cache_key"]}
     for settings, model, size, seed in changed:
-        keys.add(prior_weights(settings, model, size, seed)[1]["cache_key"])
+        keys.add(prior_weights(dataclasses.replace(settings, seed=seed), model, size)[1]["cache_key"])
     assert len(keys) == 1 + len(changed) and len(list(tmp_path.glob("*.pt"))) == 1 + len(changed)
-    assert prior_weights(other_folder, CNN, 32, 0)[1]["cache_key"] == step["cache_key"]
+    assert prior_weights(other_folder, CNN, 32)[1]["cache_key"] == step["cache_key"]
 
 
 def test_the_phantom_prior_draws_its_own_images_not_the_runs_records():

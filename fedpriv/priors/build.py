@@ -29,12 +29,12 @@ log = logging.getLogger(__name__)
 PRIOR_STREAM = 0x5052494F
 
 
-def prior_weights(prior: PriorSettings, model: ModelSettings, image_size: int, seed: int) -> tuple[dict, dict] | None:
+def prior_weights(prior: PriorSettings, model: ModelSettings, image_size: int) -> tuple[dict, dict] | None:
     """The prior's state dict for this model and a description of the public step (for the
-    ledger); None under prior=none."""
+    ledger); None under prior=none. The prior's seed is its own (`prior.seed`)."""
     if prior.name == "none":
         return None
-    train = PRIORS[prior.name]
+    train, seed = PRIORS[prior.name], prior.seed
     shape = {"prior": prior.shape(), "model": [model.name, list(model.kwargs)], "image_size": image_size, "seed": seed}
     started = time.perf_counter()
     weights, key, reused = cached(prior.cache_dir, prior.name, shape, lambda: train(prior, model, image_size, seed))

@@ -42,7 +42,7 @@ def _starting_weights(model: ModelSettings, prior: PriorSettings, image_size: in
     if model.init is not None:
         load_initial_weights(network, Path(model.init).expanduser())
         return network.state_dict(), ({"mechanism": "public-weights", "epsilon": 0.0, "source": model.init},)
-    learned = prior_weights(prior, model, image_size, seed)
+    learned = prior_weights(prior, model, image_size)
     if learned is None:
         return network.state_dict(), ()
     weights, step = learned

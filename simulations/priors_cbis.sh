@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Study: priors that cost no privacy on the CBIS-DDSM mass patches (configs/experiment/priors_cbis.yaml).
+# 1. The ε grid × seeds, centralized (num_clients=1) and 3 hospitals (num_clients=3), each with
+#    its non-private twin → OUT/central/, OUT/federated/.
+# 2. Ablations, centralized at ABLATION_EPSILONS: the recipe with one choice changed
+#    → OUT/ablation/<name>/.
+# 3. One report over every run, against the published rows → OUT/report/.
+# The prior is computed once per seed (and per setting that shapes it) and cached in
+# $FEDPRIV_CACHE/priors (default ~/.cache/fedpriv/priors): a sweep pays for it once.
+# Usage: bash simulations/priors_cbis.sh [OUT] [extra Hydra overrides, e.g. data.root=/path/to/cbis-ddsm-masses]
+#   Parts: FEDERATIONS (default "central federated"), ABLATIONS (default: all below; "" = none),
+#   EPSILONS (default 1,6,12,20,60), SEEDS (default 0,1,2), ABLATION_EPSILONS (default 1,6).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+# Osuala et al. 2024 (Swin-T, ImageNet-pretrained frozen backbone, δ = 1e-4, mean of 3 seeds) on this exact split
+REFERENCE=simulations/reference/osuala2024_cbis.csv
+source simulations/_sweep.sh
+OUT=${1:-studies/priors_cbis}
+shift || true
+declare -A SETTING=([central]="num_clients=1" [federated]="num_clients=3")
+declare -A ABLATION=(
+  [prior_none]="prior=none"                       # no prior: random initialization
+  [prior_phantom]="prior=phantom"                 # supervised on the procedural phantom
+  [no_freeze]="training.freeze=none training.freeze_rounds=null"   # every layer trains from round 1
+  [transformer]="model=vit_hybrid_tiny"           # the conv-stem ViT with the same prior and schedule
+  [px32]="data.image_size=32 ~model.kwargs.stem_stride"   # 32 px, stem at full resolution (the same cost)
+)
+for federation in ${FEDERATIONS-central federated}; do
+  # shellcheck disable=SC2086  # the setting is a list of overrides
+  sweep priors_cbis "$OUT/$federation" "${EPSILONS:-1,6,12,20,60}" "${SEEDS:-0,1,2}" ${SETTING[$federation]} "$@"
+done
+for name in ${ABLATIONS-prior_none prior_phantom no_freeze transformer px32}; do
+  # shellcheck disable=SC2086
+  python -m fedpriv.simulate -m +experiment=priors_cbis "privacy.target_epsilon=${ABLATION_EPSILONS:-1,6}" "seed=${SEEDS:-0,1,2}" \
+    ${SETTING[central]} ${ABLATION[$name]} "hydra.sweep.dir=$OUT/ablation/$name" "$@"
+done
+python -m fedpriv.report "$OUT" --out "$OUT/report" --reference "$REFERENCE"
