@@ -364,8 +364,8 @@ def plot_audit(records: list[dict], path: Path, plt) -> Path:
     return path
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fedpriv.report", description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None, prog: str = "python -m fedpriv.report") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", type=Path, help="run folders or sweep (multirun) folders")
     parser.add_argument("--out", type=Path, default=Path("report"), help="where to write the report (default: report/)")
     parser.add_argument("--reference", type=Path, help="CSV of published test AUROCs (name, epsilon, auroc) to compare with")
