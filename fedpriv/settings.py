@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from fedpriv.errors import FedprivError
+from fedpriv.metrics import THRESHOLD_RULES, parse_threshold
 
 log = logging.getLogger(__name__)
 
@@ -206,12 +207,15 @@ class EvaluationSettings:
     `select`: `last` evaluates the test split every round and keeps the last model;
     `best_val` evaluates only the validation split each round, keeps the model of the round
     with the best validation AUROC and touches the test split once, for that model (the ε
-    reported is still everything the run spent)."""
+    reported is still everything the run spent); `threshold`: the rule that picks each
+    evaluated model's decision threshold on the validation split (accuracy, sensitivity,
+    specificity and the fairness gaps are at that threshold; see metrics.choose_threshold)."""
 
     bootstrap: int
     max_hospital_subgroups: int
     ema: float | None
     select: str
+    threshold: str | float
 
 
 @dataclass(frozen=True)
@@ -303,6 +307,7 @@ class RunSettings:
     faults: FaultSettings
     backend: BackendSettings
     resume: str | None = None  # a run directory to continue from its last checkpoint
+    verbose: bool = False  # the console also shows Flower's and Ray's own output
 
 
 PRIVACY_MODES = ("none", "local", "central", "local_central")
@@ -341,6 +346,7 @@ def settings_from_config(cfg: DictConfig) -> RunSettings:
         synthetic=_build(SyntheticSettings, raw["synthetic"], "synthetic"),
         faults=_build(FaultSettings, raw["faults"], "faults"),
         resume=_optional_str(raw, "resume"),
+        verbose=_flag(raw, "verbose"),
         backend=_build(BackendSettings, raw["backend"], "backend"),
     )
     validate(settings)
@@ -478,6 +484,10 @@ def validate(s: RunSettings) -> None:
     )
     ema = s.evaluation.ema
     _require(ema is None or 0 < ema < 1, f"evaluation.ema={ema} must be a decay strictly between 0 and 1 (or null: no average)")
+    try:
+        parse_threshold(s.evaluation.threshold)
+    except ValueError as error:
+        raise FedprivError(f"evaluation.threshold={s.evaluation.threshold!r}: {error}; use {THRESHOLD_RULES}") from None
     _require(s.evaluation.select in SELECTIONS, f"evaluation.select={s.evaluation.select!r} must be one of {', '.join(SELECTIONS)}")
     _require(16 <= s.data.image_size <= 1024, f"data.image_size={s.data.image_size} must be between 16 and 1024")
     d = s.data
@@ -599,6 +609,13 @@ def _model_settings(raw: dict) -> ModelSettings:
     if not isinstance(kwargs, dict):
         raise FedprivError(f"model.kwargs={kwargs!r} must be a mapping of timm.create_model arguments")
     return ModelSettings(name=name, kwargs=_freeze(kwargs))
+
+
+def _flag(raw: dict, key: str) -> bool:
+    value = raw.get(key, False)
+    if not isinstance(value, bool):
+        raise FedprivError(f"{key}={value!r} must be true or false")
+    return value
 
 
 def _optional_str(raw: dict, key: str) -> str | None:

@@ -69,9 +69,9 @@ def test_runs_that_differ_only_in_a_training_technique_are_separate_settings():
 
     settings = {"training": {"optimizer": "sgd", "lr": 0.2, "batch_size": 221, "lr_schedule": "cosine", "augmentations": 4},
                 "evaluation": {"ema": 0.6, "select": "best_val"}}
-    assert _training_setting(settings) == "sgd lr=0.2 B=221 cosine K=4 ema=0.6 best_val"
+    assert _training_setting(settings) == "sgd lr=0.2 B=221 cosine K=4 ema=0.6 best_val thr=0.5"
     settings["evaluation"]["ema"] = None
-    assert _training_setting(settings) == "sgd lr=0.2 B=221 cosine K=4 no-ema best_val"
+    assert _training_setting(settings) == "sgd lr=0.2 B=221 cosine K=4 no-ema best_val thr=0.5"
     from fedpriv.report import _model_setting  # a width or depth change is another setting too
 
     assert _model_setting("cnn", {"widths": [16, 32, 64]}) == "cnn(widths=[16, 32, 64])" and _model_setting("cnn", {}) == "cnn"
