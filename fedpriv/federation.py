@@ -91,7 +91,7 @@ class Federation:
     ) -> None:
         self.grid, self.strategy, self.timeout = grid, strategy, timeout
         self.num_hospitals = num_hospitals
-        # Central DP noise is scaled for every sampled hospital: a partial round is not released.
+        # Client-level DP noise (privacy=central) is scaled for every sampled hospital: a partial round is not released.
         self.all_or_nothing = all_or_nothing
         self.hospital_of_node: dict[int, int] = {}
         self.shared: ArrayRecord | None = None  # sent with every training message (synthetic=augment)

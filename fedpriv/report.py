@@ -332,7 +332,7 @@ def plot_report(rows: list[dict], records: list[dict], out: Path, reference: lis
         rounds, aurocs = zip(*record["curve"]) if record["curve"] else ((), ())
         eps = "∞" if not math.isfinite(record["epsilon"]) else f"{record['epsilon']:g}"
         ax.plot(rounds, aurocs, "-" if record["curve_split"] == "test" else "--", alpha=0.7,
-                label=f"ε={eps} seed={record['seed']} hospitals={record['num_clients']}")
+                label=f"ε={eps} seed={record['seed']} " + ("centralized" if record["num_clients"] == 1 else f"hospitals={record['num_clients']}"))
     ax.set_xlabel("round")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     splits = sorted({record["curve_split"] for record in records})

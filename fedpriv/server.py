@@ -1,4 +1,4 @@
-"""The server's rounds: train, aggregate, account, evaluate centrally, record."""
+"""The server's rounds: train, aggregate, account, evaluate the global model on the server, record."""
 
 from __future__ import annotations
 
@@ -130,7 +130,7 @@ def run_rounds(
     round it comes from). The final model is the global weights, or their moving average
     under evaluation.ema, of the last round or, under evaluation.select=best_val, of the
     round with the best validation AUROC. A checkpoint is written after every round."""
-    np.random.seed(settings.seed)  # Flower's central-DP wrappers draw noise from numpy's global RNG
+    np.random.seed(settings.seed)  # Flower's client-level DP wrappers (privacy=central) draw noise from numpy's global RNG
     weights, lines, first_round, average, selected = initial_weights(settings), [], 1, None, None
     select_on_val = settings.evaluation.select == "best_val"
     if resume_from is not None:
@@ -177,7 +177,7 @@ def run_rounds(
             if settings.privacy.central:
                 ledger.record_release(server_round, central_sigma, 1.0)
         else:
-            log.warning("round %d: not every sampled hospital replied; under central DP the round is not released", server_round)
+            log.warning("round %d: not every sampled hospital replied; under client-level DP (privacy=central) the round is not released", server_round)
         train_seconds = time.perf_counter() - started
         epsilons = {str(h): ledger.epsilon(h) for h in hospitals} if settings.privacy.local else None
         current = _final(weights, average)

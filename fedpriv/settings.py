@@ -60,6 +60,9 @@ class FileDataSettings(BaseDataSettings):
     window: tuple[float, ...] | None = None
     volume_fit: str = "resample"
     skip_unreadable: bool = False
+    # extra test sets, evaluated every round and reported by name (external_name): folders
+    # PATH/<class folder>/<files> (image_folder) or manifest CSVs (manifest); no patient ids needed
+    external_test: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -71,7 +74,6 @@ class FolderDataSettings(FileDataSettings):
     splits: tuple[tuple[str, str], ...]
     class_folders: tuple[tuple[str, int], ...]
     patient_pattern: str
-    external_test: tuple[str, ...]  # PATH/<class folder>/<files>: extra test sets, reported by folder name
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -117,7 +119,8 @@ class ModelSettings:
 class PrivacySettings:
     """`none`; `local`: record-level DP-SGD at each hospital (target_epsilon, max_grad_norm,
     budget_epsilon); `central`: client-level DP-FedAvg at the server (client_target_epsilon,
-    update_clip_norm); `local_central`: both. `delta` serves both guarantees."""
+    update_clip_norm) — client-level DP, not centralized training (that is num_clients=1);
+    `local_central`: both. `delta` serves both guarantees."""
 
     mode: str
     delta: float | None = None
@@ -355,7 +358,7 @@ def settings_from_config(cfg: DictConfig) -> RunSettings:
 
 def validate(s: RunSettings) -> None:
     """Check every value a user can get wrong; the message names the key and the fix."""
-    _require(s.num_clients >= 1, "num_clients must be at least 1 (num_clients=1 is the central baseline)")
+    _require(s.num_clients >= 1, "num_clients must be at least 1 (num_clients=1: centralized training, one hospital holding all training data)")
     _require(s.rounds >= 1, "rounds must be at least 1")
     _require(s.local_epochs >= 1, "local_epochs must be at least 1")
     _require(s.seed >= 0, "seed must be a non-negative integer")
@@ -516,14 +519,15 @@ def validate(s: RunSettings) -> None:
             len(d.window) == 2 and d.window[1] > 0,
             f"data.window={list(d.window)} must be [center, width] with width > 0 (or null)",
         )
-    if isinstance(d, FolderDataSettings):
-        names = [Path(str(path)).name for path in d.external_test]
+    if isinstance(d, FileDataSettings):
+        kind = "manifest CSVs" if isinstance(d, ManifestDataSettings) else "folders"
+        names = [external_name(str(path)) for path in d.external_test]
         _require(
             isinstance(d.external_test, tuple)
             and all(isinstance(path, str) and path for path in d.external_test)
             and len(set(names)) == len(names),
-            f"data.external_test={list(d.external_test)} must be a list of folders with distinct names "
-            "(results are reported by folder name)",
+            f"data.external_test={list(d.external_test)} must be a list of {kind} with distinct names "
+            "(results are reported by name)",
         )
     if isinstance(d, (ManifestDataSettings, NpzDataSettings)):
         bad = [(k, v) for k, v in d.labels if v not in (0, 1)]
@@ -531,6 +535,11 @@ def validate(s: RunSettings) -> None:
     if isinstance(d, ManifestDataSettings):
         missing = [k for k in ("path", "label", "patient_id") if k not in dict(d.columns)]
         _require(not missing, f"data.columns.{missing[0] if missing else ''} is not set; map it to a CSV column")
+
+
+def external_name(path: str) -> str:
+    """The name an external test set is reported by: its folder's name, or its CSV's without .csv."""
+    return Path(path).name.removesuffix(".csv")
 
 
 def _validate_synthetic(s: RunSettings) -> None:
