@@ -44,7 +44,7 @@ def read_class_folders(
                 continue
             images.append(item.pixels)
             labels.append(label)
-            patients.append(match.group(1) if match else path.name)
+            patients.append(match.group(1) if match else f"{folder}/{path.name}")
             metadata.append({"site": root.parent.name, **item.metadata})
     return stack_records(str(root), images, labels, patients, metadata)
 
