@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from fedpriv import CONFIG_DIR
 from fedpriv.errors import FedprivError
 
 console = Console(stderr=True)
@@ -134,7 +135,9 @@ def resumed_config(cfg: DictConfig) -> DictConfig:
     return original
 
 
-@hydra.main(config_path="../configs", config_name="simulate", version_base="1.3")
+# an absolute path: Hydra would read a relative one as a Python package when main() is called
+# from the `fedpriv` console command rather than run as `python -m fedpriv.simulate`
+@hydra.main(config_path=str(CONFIG_DIR), config_name="simulate", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     from omegaconf import OmegaConf
 

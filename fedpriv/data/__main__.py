@@ -16,7 +16,8 @@ from hydra import compose, initialize_config_dir
 from rich.console import Console
 from rich.table import Table
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+from fedpriv import CONFIG_DIR
+
 USAGE = """usage: {prog} check data=NAME [data.KEY=VALUE ...]
        {prog} manifest DICOM_DIR --labels CSV --out manifest.csv [--label-column label] [--patient-pattern REGEX]"""
 #: Rows of a list (problems, left-out files) shown on the console; the rest are counted.
@@ -38,7 +39,7 @@ def check(overrides: list[str], console: Console) -> int:
     from fedpriv.settings import settings_from_config
 
     try:
-        with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
             settings = settings_from_config(compose("simulate", overrides=overrides))
     except Exception as error:  # FedprivError, or Hydra's own (unknown group, override syntax)
         console.print(f"[bold red]fedpriv:[/] {error}")
