@@ -280,6 +280,7 @@ def plot_report(rows: list[dict], records: list[dict], out: Path, reference: lis
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
     series = defaultdict(list)
     for row in rows:
@@ -301,21 +302,25 @@ def plot_report(rows: list[dict], records: list[dict], out: Path, reference: lis
             metrics = [metric] if metric else sorted({m[: -len(".spd")] for p in points for m in p if m.endswith(".spd")})
             for m in metrics:
                 column = metric or f"{m}.spd"
-                name = label if metric else f"{label} [{m}]"
+                legend_name = label if metric else f"{label} [{m}]"
                 colour = next(colours)
                 if finite and column in finite[0]:
                     ax.errorbar([p["epsilon"] for p in finite], [p[column] for p in finite],
                                 yerr=[_or_zero(p.get(f"{column}_std")) for p in finite], marker="o", capsize=3,
-                                label=name, color=colour)
+                                label=legend_name, color=colour)
                 for p in points:  # the non-private run of this setting: a dotted line in its colour
                     if not math.isfinite(p["epsilon"]) and column in p:
-                        ax.axhline(p[column], linestyle=":", color=colour, label=f"no DP: {name}")
+                        ax.axhline(p[column], linestyle=":", color=colour, label=f"no DP: {legend_name}")
         if metric == "auroc":  # published numbers: dashed, x markers
             for published, values in groupby_name(reference).items():
                 finite = sorted((e, v) for e, v in values if math.isfinite(e))
                 if finite:
                     ax.plot(*zip(*finite), "x--", alpha=0.8, label=f"published: {published}")
         ax.set_xscale("log")
+        plotted = sorted(({r["epsilon"] for r in rows} | {r["epsilon"] for r in reference}) - {math.inf})
+        if plotted:  # ticks at the ε values the runs (and published lines) have, as plain numbers
+            ax.set_xticks(plotted, labels=[f"{e:g}" for e in plotted])
+            ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("target ε (log); dotted: no DP")
         ax.set_ylabel(ylabel)
         if ax.get_legend_handles_labels()[0]:  # beside the axes: long setting labels never cover the curves

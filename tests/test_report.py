@@ -178,7 +178,9 @@ def test_one_seed_shows_no_spread_nan_is_null_and_every_dotted_line_is_labelled(
     rows = table_rows(group_settings(records))
     correlation = correlations(records)
     assert math.isnan(correlation["auroc_drop~subgroup_size"]["r"])  # no subgroups: undefined
-    write_report(rows, records, correlation, tmp_path)
+    written = write_report(rows, records, correlation, tmp_path)
+    for name in ("auroc_vs_epsilon.png", "fairness_vs_epsilon.png", "learning_curves.png"):
+        assert tmp_path / name in written and (tmp_path / name).stat().st_size > 0
 
     text = (tmp_path / "correlations.json").read_text()
     assert "NaN" not in text and json.loads(text)["auroc_drop~subgroup_size"]["r"] is None
