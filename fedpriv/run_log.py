@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import logging
+from pathlib import Path
 
 from rich.console import Console, RenderableType
 from rich.logging import RichHandler
@@ -57,6 +58,17 @@ def configure(console: Console, verbose: bool) -> None:
     handler.addFilter(_for_console)
     root.addHandler(handler)
     logging.captureWarnings(True)  # Python warnings become log records (console and file)
+
+
+def log_also_to(path: Path) -> None:
+    """Append the log to `path` too, formatted as simulate.log is (a resumed run's own
+    simulate.log goes on, besides the new Hydra folder's)."""
+    root = logging.getLogger()
+    hydra_file = next((h for h in root.handlers if isinstance(h, logging.FileHandler)), None)
+    handler = logging.FileHandler(path)
+    if hydra_file is not None:
+        handler.setFormatter(hydra_file.formatter)
+    root.addHandler(handler)
 
 
 def render(renderable: RenderableType, width: int = 100) -> str:

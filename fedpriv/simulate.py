@@ -152,6 +152,7 @@ def main(cfg: DictConfig) -> None:
     try:
         if cfg.get("resume"):
             cfg, run_dir = resumed_config(cfg), Path(cfg.resume)
+            run_log.log_also_to(run_dir / "simulate.log")
         log.info("run directory %s; config:\n%s", run_dir, OmegaConf.to_yaml(cfg).rstrip())
         settings = settings_from_config(cfg)
         with Progress(
