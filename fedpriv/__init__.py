@@ -8,8 +8,9 @@ os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
 from fedpriv.errors import FedprivError  # noqa: E402
 
-#: The Hydra config tree (the only place defaults live), beside the package in the checkout.
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+#: The Hydra config tree (the only place defaults live): configs/ of the checkout, reached
+#: through the fedpriv/configs link, or the copy an installed wheel carries there.
+CONFIG_DIR = (Path(__file__).parent / "configs").resolve()
 
 __all__ = ["FedprivError"]
 __version__ = "0.1.0"

@@ -27,6 +27,19 @@ def test_pyproject_declares_the_console_command_and_no_python_cap():
     assert main(["--version"]) == 0 and main(["no-such-command"]) == 2
 
 
+def test_an_installed_wheel_carries_the_configs():
+    """`pip install .` (not only -e): the package data covers every config, through the
+    fedpriv/configs link to configs/."""
+    from fedpriv import CONFIG_DIR
+
+    assert CONFIG_DIR == (ROOT / "configs").resolve() and (ROOT / "fedpriv" / "configs").is_symlink()
+    patterns = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["fedpriv"]
+    assert patterns == ["configs/**/*.yaml"]
+    every = sorted(p.relative_to(CONFIG_DIR) for p in CONFIG_DIR.rglob("*.yaml"))
+    packaged = sorted(p.relative_to(ROOT / "fedpriv" / "configs") for p in (ROOT / "fedpriv").glob(patterns[0]))
+    assert len(every) > 30 and packaged == every
+
+
 def test_sweep_through_the_command_quiet_console_complete_log_and_verbose(tmp_path):
     """`fedpriv simulate -m verbose=false,true …`: two runs. The quiet one shows the partition,
     one line per round, the summary and fedpriv's warning, and nothing of Flower or Ray;
