@@ -61,7 +61,7 @@ def summary_table(summary: dict, run_dir: Path) -> Table:
     table.add_row("test accuracy / sens / spec", " / ".join(_fmt(test[k]) for k in ("accuracy", "sensitivity", "specificity")))
     threshold = summary.get("threshold")
     if threshold:
-        how = f"{threshold['rule']}, chosen on validation" if threshold["chosen_on"] else "fixed"
+        how = f"{threshold['rule']} on validation" if threshold["chosen_on"] else "fixed"
         table.add_row("decision threshold", f"{_fmt(threshold['value'])} ({how})")
     for name, metrics in (summary.get("external") or {}).items():
         table.add_row(f"external {name}: AUROC / sens / spec", " / ".join(_fmt(metrics[k]) for k in ("auroc", "sensitivity", "specificity")))
@@ -95,7 +95,7 @@ def summary_table(summary: dict, run_dir: Path) -> Table:
         table.add_row("Fréchet distance synthetic–real (real–real)", f"{_fmt(s['frechet_distance'])} ({_fmt(s['frechet_distance_real_val_vs_test'])})")
     for warning in [*privacy.get("warnings", []), *([summary["synthetic"]["warning"]] if "warning" in summary.get("synthetic", {}) else [])]:
         table.add_row("[bold red]warning", f"[red]{warning}")
-    clients = "1 (centralized: one hospital holds all training data)" if summary["num_clients"] == 1 else str(summary["num_clients"])
+    clients = "1 (centralized)" if summary["num_clients"] == 1 else str(summary["num_clients"])  # one hospital, all data
     table.add_row("hospitals × rounds", f"{clients} × {summary['rounds_completed']}/{summary['rounds']}")
     table.add_row("wall seconds", f"{summary['wall_seconds']:.1f}")
     return table
