@@ -2,7 +2,7 @@
 
 Global weights (their moving average under evaluation.ema, the best validation round's
 model under evaluation.select=best_val), the strategy (its optimiser moments and clipping norm included), the
-ledger, the metrics so far and the RNG states the server draws from (numpy: central-DP
+ledger, the metrics so far and the RNG states the server draws from (numpy: client-level DP
 noise; Python: client sampling). Hospitals keep their own privacy state on their own disk
 (fedpriv.privacy.hospital_state). Written to a temporary file and renamed, so a kill while
 writing leaves the previous checkpoint usable.

@@ -18,6 +18,7 @@ from fedpriv.data.partition import hospital_test_patients, partition_by_patient,
 from fedpriv.data.records import SplitData, concat_records
 from fedpriv.data.sources import load_splits
 from fedpriv.errors import FedprivError
+from fedpriv.metrics import parse_threshold
 from fedpriv.models import build_model
 from fedpriv.federation import build_client_app, build_server_app, run_federation
 from fedpriv.outputs import RunDirectory
@@ -79,6 +80,7 @@ def run_experiment(
         build_client_app(trainer, trainer.describe, trainer.synthesize),
         settings.num_clients,
         settings.backend,
+        settings.verbose,
     )
     if "lines" not in result:
         raise FedprivError("the simulation stopped before all rounds finished; see the log above")
@@ -323,6 +325,12 @@ def make_summary(
         "val": {k: final[f"val_{k}"] for k in utility_keys},
         "external": {name: {k: m[k] for k in utility_keys} for name, m in (final["external"] or {}).items()} or None,
         "selection": {"rule": settings.evaluation.select, "round": final["round"]},
+        # accuracy, sensitivity, specificity and the fairness gaps are at this threshold
+        "threshold": {
+            "rule": str(settings.evaluation.threshold),
+            "value": final.get("threshold"),
+            "chosen_on": None if parse_threshold(settings.evaluation.threshold)[0] == "fixed" else "val",
+        },
         "privacy": privacy,
         "num_clients": settings.num_clients,
         "rounds": settings.rounds,

@@ -11,6 +11,7 @@ import logging
 import os
 import random
 import re
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -90,7 +91,7 @@ class Federation:
     ) -> None:
         self.grid, self.strategy, self.timeout = grid, strategy, timeout
         self.num_hospitals = num_hospitals
-        # Central DP noise is scaled for every sampled hospital: a partial round is not released.
+        # Client-level DP noise (privacy=central) is scaled for every sampled hospital: a partial round is not released.
         self.all_or_nothing = all_or_nothing
         self.hospital_of_node: dict[int, int] = {}
         self.shared: ArrayRecord | None = None  # sent with every training message (synthetic=augment)
@@ -222,9 +223,12 @@ def build_server_app(
     return app
 
 
-def run_federation(server: ServerApp, client: ClientApp, num_clients: int, backend: BackendSettings) -> None:
+def run_federation(
+    server: ServerApp, client: ClientApp, num_clients: int, backend: BackendSettings, verbose: bool = False
+) -> None:
     """Run on Flower's simulation engine (Ray backend); Ray is shut down afterwards (an
-    attached cluster keeps running: only this driver disconnects).
+    attached cluster keeps running: only this driver disconnects). `verbose`: Flower's DEBUG
+    lines and the Ray workers' output reach the driver's log (else Ray logs warnings only).
 
     An exception raised by the ServerApp is re-raised here.
     """
@@ -237,9 +241,14 @@ def run_federation(server: ServerApp, client: ClientApp, num_clients: int, backe
     flower_sweep = vce_api.add_messages_to_queue
     vce_api.add_messages_to_queue = queue_pending_messages  # for this run only (see its docstring)
     try:
-        run_simulation(
-            server_app=server, client_app=client, num_supernodes=num_clients, backend_config=backend_config
-        )
+        with warnings.catch_warnings():
+            # Ray's tip that it will stop hiding GPUs from workers that asked for none: fedpriv
+            # picks each worker's device from backend.client_resources itself (fedpriv.devices).
+            warnings.filterwarnings("ignore", message="Tip: In future versions of Ray", category=FutureWarning)
+            run_simulation(
+                server_app=server, client_app=client, num_supernodes=num_clients, backend_config=backend_config,
+                verbose_logging=verbose,
+            )
     finally:
         vce_api.add_messages_to_queue = flower_sweep
         if ray.is_initialized():

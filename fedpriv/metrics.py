@@ -6,7 +6,10 @@ import math
 
 import numpy as np
 from scipy.stats import rankdata
-from sklearn.metrics import average_precision_score, confusion_matrix
+from sklearn.metrics import average_precision_score, confusion_matrix, roc_curve
+
+#: How `evaluation.threshold` may be written (malignant when score ≥ threshold).
+THRESHOLD_RULES = "youden, sensitivity@X, specificity@X (X in (0, 1]) or a fixed number in (0, 1)"
 
 
 def auroc(labels: np.ndarray, scores: np.ndarray) -> float:
@@ -38,6 +41,58 @@ def binary_metrics(labels: np.ndarray, scores: np.ndarray, threshold: float = 0.
         "sensitivity": float(tp / (tp + fn)) if tp + fn else math.nan,
         "specificity": float(tn / (tn + fp)) if tn + fp else math.nan,
     }
+
+
+def parse_threshold(rule: str | float) -> tuple[str, float | None]:
+    """`youden` → ("youden", None); `sensitivity@0.9` → ("sensitivity", 0.9); likewise
+    `specificity@X`; a number t in (0, 1) → ("fixed", t). ValueError for anything else."""
+    if isinstance(rule, (int, float)) and not isinstance(rule, bool):
+        if 0 < rule < 1:
+            return "fixed", float(rule)
+        raise ValueError(f"a fixed threshold must be in (0, 1), not {rule}")
+    text = str(rule).strip().lower()
+    if text == "youden":
+        return "youden", None
+    kind, _, target = text.partition("@")
+    if kind in ("sensitivity", "specificity"):
+        try:
+            value = float(target)
+        except ValueError:
+            raise ValueError(f"{rule!r} needs a target, e.g. {kind}@0.9") from None
+        if 0 < value <= 1:
+            return kind, value
+        raise ValueError(f"the target of {rule!r} must be in (0, 1]")
+    try:
+        return parse_threshold(float(text))
+    except ValueError:
+        raise ValueError(f"{rule!r} is not a threshold rule") from None
+
+
+def choose_threshold(labels: np.ndarray, scores: np.ndarray, rule: str | float) -> float:
+    """The decision threshold `rule` picks on these (validation) scores; NaN when the rule needs
+    both classes and the labels have one.
+
+    `youden`: the threshold maximising sensitivity + specificity − 1 (Youden's J; the highest
+    of equal ones); `sensitivity@X`: the highest threshold whose sensitivity is at least X (the
+    best specificity at that sensitivity); `specificity@X`: the lowest threshold whose
+    specificity is at least X; a number: that number.
+    """
+    kind, target = parse_threshold(rule)
+    if kind == "fixed":
+        return target
+    labels = np.asarray(labels).astype(int)
+    if len(np.unique(labels)) < 2:
+        return math.nan
+    fpr, tpr, thresholds = roc_curve(labels, scores, drop_intermediate=False)
+    fpr, tpr, thresholds = fpr[1:], tpr[1:], thresholds[1:]  # the first point is "nothing positive" (∞)
+    if kind == "youden":
+        index = int(np.argmax(tpr - fpr))
+    elif kind == "sensitivity":
+        index = int(np.argmax(tpr >= target - 1e-12))
+    else:
+        meets = np.flatnonzero(1 - fpr >= target - 1e-12)
+        index = int(meets[-1]) if len(meets) else 0
+    return float(thresholds[index])
 
 
 def subgroup_labels(values: np.ndarray, edges: list[float]) -> np.ndarray:

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from fedpriv.errors import FedprivError
+from fedpriv.outputs import write_json
 
 #: What makes two runs the same setting (everything that is not the seed).
 SETTING_KEYS = (
@@ -257,7 +258,8 @@ def write_report(rows: list[dict], records: list[dict], correlation: dict, out: 
     lines = [
         f"# fedpriv report — {len(records)} runs, {len(rows)} settings",
         "",
-        "Test-split metrics of the final global model, mean ± std over seeds; ε columns are the",
+        "Test-split metrics of the final global model, mean ± std over seeds (one seed: its value alone);",
+        "accuracy, sensitivity and specificity at each run's decision threshold (`thr=` in `training`); ε columns are the",
         "configured targets (∞ = no DP at that level), `spent_epsilon` the ledger's record-level ε.",
         "",
         *_markdown_head(shown),
@@ -269,7 +271,7 @@ def write_report(rows: list[dict], records: list[dict], correlation: dict, out: 
     if reference:
         lines += reference_comparison(rows, reference)
     (out / "report.md").write_text("\n".join(lines) + "\n")
-    (out / "correlations.json").write_text(json.dumps(correlation, indent=2, allow_nan=True))
+    write_json(out / "correlations.json", correlation)  # an undefined r is null, not a bare NaN
     return [out / "report.md", out / "report.csv", *plot_report(rows, records, out, reference)]
 
 
@@ -278,6 +280,7 @@ def plot_report(rows: list[dict], records: list[dict], out: Path, reference: lis
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
     series = defaultdict(list)
     for row in rows:
@@ -291,6 +294,7 @@ def plot_report(rows: list[dict], records: list[dict], out: Path, reference: lis
         ("fairness_vs_epsilon.png", None, "SPD (positive-rate gap)"),
     ):
         fig, ax = plt.subplots(figsize=(6, 4))
+        colours = iter(plt.rcParams["axes.prop_cycle"].by_key()["color"] * 10)
         for key, points in series.items():
             points = sorted(points, key=lambda r: r["epsilon"])
             finite = [p for p in points if math.isfinite(p["epsilon"])]
@@ -298,19 +302,25 @@ def plot_report(rows: list[dict], records: list[dict], out: Path, reference: lis
             metrics = [metric] if metric else sorted({m[: -len(".spd")] for p in points for m in p if m.endswith(".spd")})
             for m in metrics:
                 column = metric or f"{m}.spd"
+                legend_name = label if metric else f"{label} [{m}]"
+                colour = next(colours)
                 if finite and column in finite[0]:
                     ax.errorbar([p["epsilon"] for p in finite], [p[column] for p in finite],
-                                yerr=[p.get(f"{column}_std", 0) for p in finite], marker="o", capsize=3,
-                                label=label if metric else f"{label} [{m}]")
-                for p in points:
+                                yerr=[_or_zero(p.get(f"{column}_std")) for p in finite], marker="o", capsize=3,
+                                label=legend_name, color=colour)
+                for p in points:  # the non-private run of this setting: a dotted line in its colour
                     if not math.isfinite(p["epsilon"]) and column in p:
-                        ax.axhline(p[column], linestyle=":", color="grey")
+                        ax.axhline(p[column], linestyle=":", color=colour, label=f"no DP: {legend_name}")
         if metric == "auroc":  # published numbers: dashed, x markers
             for published, values in groupby_name(reference).items():
                 finite = sorted((e, v) for e, v in values if math.isfinite(e))
                 if finite:
                     ax.plot(*zip(*finite), "x--", alpha=0.8, label=f"published: {published}")
         ax.set_xscale("log")
+        plotted = sorted(({r["epsilon"] for r in rows} | {r["epsilon"] for r in reference}) - {math.inf})
+        if plotted:  # ticks at the ε values the runs (and published lines) have, as plain numbers
+            ax.set_xticks(plotted, labels=[f"{e:g}" for e in plotted])
+            ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("target ε (log); dotted: no DP")
         ax.set_ylabel(ylabel)
         if ax.get_legend_handles_labels()[0]:  # beside the axes: long setting labels never cover the curves
@@ -320,19 +330,21 @@ def plot_report(rows: list[dict], records: list[dict], out: Path, reference: lis
         fig.savefig(out / name, dpi=120, bbox_inches="tight")
         plt.close(fig)
         written.append(out / name)
+    from matplotlib.ticker import MaxNLocator
+
     fig, ax = plt.subplots(figsize=(6, 4))
     for record in records:
         rounds, aurocs = zip(*record["curve"]) if record["curve"] else ((), ())
         eps = "∞" if not math.isfinite(record["epsilon"]) else f"{record['epsilon']:g}"
         ax.plot(rounds, aurocs, "-" if record["curve_split"] == "test" else "--", alpha=0.7,
-                label=f"ε={eps} seed={record['seed']} hospitals={record['num_clients']}")
+                label=f"ε={eps} seed={record['seed']} " + ("centralized" if record["num_clients"] == 1 else f"hospitals={record['num_clients']}"))
     ax.set_xlabel("round")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     splits = sorted({record["curve_split"] for record in records})
     ax.set_ylabel({("test",): "test AUROC", ("val",): "validation AUROC"}.get(tuple(splits), "AUROC (solid: test, dashed: validation)"))
-    if len(records) <= 12:
-        ax.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(out / "learning_curves.png", dpi=120)
+    if len(records) <= 12:  # beside the axes, as above
+        ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0)
+    fig.savefig(out / "learning_curves.png", dpi=120, bbox_inches="tight")
     plt.close(fig)
     written.append(out / "learning_curves.png")
     audited = [r for r in records if math.isfinite(r["audit_epsilon"])]
@@ -348,7 +360,10 @@ def plot_audit(records: list[dict], path: Path, plt) -> Path:
     infinity = 3 * max(finite + [1.0])
     fig, ax = plt.subplots(figsize=(5, 4))
     xs = [r["spent_epsilon"] if math.isfinite(r["spent_epsilon"]) else infinity for r in records]
-    ax.scatter(xs, [r["audit_epsilon"] for r in records], c=["C3" if x == infinity else "C0" for x in xs])
+    for private, colour, label in ((True, "C0", "DP runs"), (False, "C3", "runs without record-level DP")):
+        chosen = [(x, r["audit_epsilon"]) for x, r in zip(xs, records) if (x != infinity) == private]
+        if chosen:
+            ax.scatter(*zip(*chosen), c=colour, label=label)
     top = max(xs + [r["audit_epsilon"] for r in records])
     ax.plot([0, infinity], [0, infinity], linestyle="--", color="grey", label="empirical = accounted")
     ax.set_xlim(0, infinity * 1.1)
@@ -364,8 +379,8 @@ def plot_audit(records: list[dict], path: Path, plt) -> Path:
     return path
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fedpriv.report", description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None, prog: str = "python -m fedpriv.report") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", type=Path, help="run folders or sweep (multirun) folders")
     parser.add_argument("--out", type=Path, default=Path("report"), help="where to write the report (default: report/)")
     parser.add_argument("--reference", type=Path, help="CSV of published test AUROCs (name, epsilon, auroc) to compare with")
@@ -391,13 +406,14 @@ def _model_setting(name: str, kwargs) -> str:
 
 def _training_setting(settings: dict) -> str:
     """The DP-training techniques of a run in one cell, e.g. `sgd lr=0.2 B=221 cosine K=4 ema=0.6
-    best_val` (runs that differ in any of them are different settings)."""
+    best_val thr=youden` (runs that differ in any of them, or in the decision-threshold rule
+    their accuracy, sensitivity and specificity use, are different settings)."""
     training, evaluation = settings["training"], settings["evaluation"]
     ema = evaluation.get("ema")
     return " ".join([
         f"{training['optimizer']} lr={training['lr']:g} B={training['batch_size']}", training.get("lr_schedule", "constant"),
         f"K={training.get('augmentations', 1)}", f"ema={ema:g}" if ema is not None else "no-ema",
-        evaluation.get("select", "last"),
+        evaluation.get("select", "last"), f"thr={evaluation.get('threshold', 0.5)}",  # runs before the setting: 0.5
     ])
 
 
@@ -419,12 +435,18 @@ def _num(value) -> float:
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample std over the finite values; the std is NaN (undefined) for one value."""
     finite = [v for v in values if math.isfinite(v)]
     if values and all(v == math.inf for v in values):
-        return math.inf, 0.0
+        return math.inf, math.nan
     if not finite:
         return math.nan, math.nan
-    return float(np.mean(finite)), float(np.std(finite, ddof=1)) if len(finite) > 1 else 0.0
+    return float(np.mean(finite)), float(np.std(finite, ddof=1)) if len(finite) > 1 else math.nan
+
+
+def _or_zero(value) -> float:
+    """An error bar's half-width: none (0) where the std is undefined (one seed)."""
+    return value if value is not None and math.isfinite(value) else 0.0
 
 
 def _markdown_head(columns: list[str]) -> list[str]:
@@ -443,8 +465,9 @@ def _cell(row: dict, key: str) -> str:
     value = row.get(key, math.nan)  # a column only some settings have (audit, synthetic, an external test set)
     if key in ("epsilon", "client_epsilon", "spent_epsilon") and isinstance(value, float) and math.isinf(value):
         return "∞"
-    if f"{key}_std" in row and isinstance(value, float) and math.isfinite(value):
-        return f"{value:.3f} ± {row[f'{key}_std']:.3f}"
+    std = row.get(f"{key}_std")
+    if isinstance(value, float) and math.isfinite(value) and isinstance(std, float) and math.isfinite(std):
+        return f"{value:.3f} ± {std:.3f}"  # one run (or one finite value): no ± at all
     return _fmt(value)
 
 

@@ -1,4 +1,4 @@
-"""The server's rounds: train, aggregate, account, evaluate centrally, record."""
+"""The server's rounds: train, aggregate, account, evaluate the global model on the server, record."""
 
 from __future__ import annotations
 
@@ -19,9 +19,9 @@ from fedpriv.devices import backend_device
 from fedpriv.ema import update_average
 from fedpriv.errors import FedprivError
 from fedpriv.federation import Federation
-from fedpriv.metrics import auroc, binary_metrics, bootstrap_interval, fairness_report, subgroup_labels
+from fedpriv.metrics import auroc, binary_metrics, bootstrap_interval, choose_threshold, fairness_report, subgroup_labels
 from fedpriv.models import build_model
-from fedpriv.outputs import RunDirectory
+from fedpriv.outputs import RunDirectory, describe_round
 from fedpriv.privacy.hospital_state import history_from_metrics
 from fedpriv.priors.start import starting_weights
 from fedpriv.privacy.ledger import PrivacyLedger
@@ -58,24 +58,47 @@ def fairness_attributes(settings: RunSettings, splits: SplitData) -> list[tuple[
 
 def evaluate(settings: RunSettings, weights: dict, splits: SplitData, test: bool = True) -> dict:
     """Test metrics (plain names), validation metrics (`val_` prefix) and, per fairness
-    attribute, subgroup metrics and gaps on the test split, for the global model.
+    attribute, subgroup metrics and gaps on the test split, for the global model, all at the
+    decision `threshold` that evaluation.threshold picks on the validation split.
     `test=False`: the validation metrics alone (test, fairness and external keys are None)."""
     model, batch = global_model(settings, weights), settings.training.eval_batch_size
-    val = binary_metrics(splits.val.labels, predict(model, splits.val, batch))
+    val_scores = predict(model, splits.val, batch)
+    threshold = decision_threshold(settings, splits.val.labels, val_scores)
+    val = binary_metrics(splits.val.labels, val_scores, threshold)
     if not test:
-        return {**dict.fromkeys(val), **{f"val_{k}": v for k, v in val.items()}, "fairness": None, "external": None}
+        return {**dict.fromkeys(val), **{f"val_{k}": v for k, v in val.items()}, "threshold": threshold, "fairness": None, "external": None}
     scores = predict(model, splits.test, batch)
     fairness = {
-        name: fairness_report(splits.test.labels, scores, subgroup_labels(splits.test.metadata[name], list(edges)))
+        name: fairness_report(splits.test.labels, scores, subgroup_labels(splits.test.metadata[name], list(edges)), threshold)
         for name, edges in fairness_attributes(settings, splits)
     }
-    external = {name: binary_metrics(records.labels, predict(model, records, batch)) for name, records in splits.external.items()}
+    external = {
+        name: binary_metrics(records.labels, predict(model, records, batch), threshold) for name, records in splits.external.items()
+    }
     return {
-        **binary_metrics(splits.test.labels, scores),
+        **binary_metrics(splits.test.labels, scores, threshold),
         **{f"val_{k}": v for k, v in val.items()},
+        "threshold": threshold,
         "fairness": fairness or None,
         "external": external or None,
     }
+
+
+#: The threshold when the rule cannot pick one (a validation split with one class only).
+FALLBACK_THRESHOLD = 0.5
+
+
+def decision_threshold(settings: RunSettings, labels, scores) -> float:
+    """evaluation.threshold applied to the validation scores; 0.5, with a warning, when the
+    validation split holds one class only."""
+    threshold = choose_threshold(labels, scores, settings.evaluation.threshold)
+    if math.isnan(threshold):
+        log.warning(
+            "evaluation.threshold=%s needs both classes in the validation split, which has one; using %g",
+            settings.evaluation.threshold, FALLBACK_THRESHOLD,
+        )
+        return FALLBACK_THRESHOLD
+    return threshold
 
 
 def final_intervals(settings: RunSettings, weights: dict, splits: SplitData) -> dict:
@@ -108,7 +131,7 @@ def run_rounds(
     round it comes from). The final model is the global weights, or their moving average
     under evaluation.ema, of the last round or, under evaluation.select=best_val, of the
     round with the best validation AUROC. A checkpoint is written after every round."""
-    np.random.seed(settings.seed)  # Flower's central-DP wrappers draw noise from numpy's global RNG
+    np.random.seed(settings.seed)  # Flower's client-level DP wrappers (privacy=central) draw noise from numpy's global RNG
     weights, public_steps = starting_weights(settings.model, settings.prior, settings.data.image_size, settings.seed)
     lines, first_round, average, selected = [], 1, None, None
     select_on_val = settings.evaluation.select == "best_val"
@@ -145,7 +168,7 @@ def run_rounds(
             reasons = "; ".join(f"hospital {h}: {r}" for h, r in outcome.failed.items()) or "no replies"
             # spent before failing: only hospitals that failed can hold sessions the ledger lacks
             _sync_ledger(ledger, settings, federation.describe_hospitals(_failed_hospitals(lines) | set(outcome.failed)))
-            ledger.save(run.path / "ledger.json", hospitals)
+            ledger.save(run.path / "ledger.json", hospitals, settings.privacy.local, settings.privacy.central)
             raise FedprivError(
                 f"round {server_round}: {len(outcome.trained)} hospital(s) trained, fewer than "
                 f"faults.min_replies={settings.faults.min_replies} ({reasons})"
@@ -158,7 +181,7 @@ def run_rounds(
             if settings.privacy.central:
                 ledger.record_release(server_round, central_sigma, 1.0)
         else:
-            log.warning("round %d: not every sampled hospital replied; under central DP the round is not released", server_round)
+            log.warning("round %d: not every sampled hospital replied; under client-level DP (privacy=central) the round is not released", server_round)
         train_seconds = time.perf_counter() - started
         epsilons = {str(h): ledger.epsilon(h) for h in hospitals} if settings.privacy.local else None
         current = _final(weights, average)
@@ -178,6 +201,7 @@ def run_rounds(
             "seconds": time.perf_counter() - started,
         }
         run.append_metrics(line)
+        log.info(describe_round(line, settings.rounds))
         on_round(line)
         lines.append(line)
         if select_on_val and _better(line["val_auroc"], selected):
@@ -195,7 +219,7 @@ def run_rounds(
         final = _final(weights, average)
         evaluation = lines[-1] if not select_on_val else {"round": lines[-1]["round"], **evaluate(settings, final, splits)}
     run.save_weights(final)
-    ledger.save(run.path / "ledger.json", hospitals)
+    ledger.save(run.path / "ledger.json", hospitals, settings.privacy.local, settings.privacy.central)
     return lines, final, evaluation
 
 
@@ -225,8 +249,9 @@ def _use_synthetic(federation, settings, run, ledger, weights, first_round: int)
 
 
 def run_settings_dict(settings: RunSettings) -> dict:
-    """The settings a resumed run must share with the run it continues."""
-    return {k: v for k, v in dataclasses.asdict(settings).items() if k != "resume"}
+    """The settings a resumed run must share with the run it continues (what the console
+    shows, `verbose`, may differ)."""
+    return {k: v for k, v in dataclasses.asdict(settings).items() if k not in ("resume", "verbose")}
 
 
 def _sync_ledger(ledger: PrivacyLedger, settings: RunSettings, reports: dict[int, dict]) -> list[int]:

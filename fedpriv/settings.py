@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from fedpriv.errors import FedprivError
+from fedpriv.metrics import THRESHOLD_RULES, parse_threshold
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,9 @@ class FileDataSettings(BaseDataSettings):
     window: tuple[float, ...] | None = None
     volume_fit: str = "resample"
     skip_unreadable: bool = False
+    # extra test sets, evaluated every round and reported by name (external_name): folders
+    # PATH/<class folder>/<files> (image_folder) or manifest CSVs (manifest); no patient ids needed
+    external_test: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -70,7 +74,6 @@ class FolderDataSettings(FileDataSettings):
     splits: tuple[tuple[str, str], ...]
     class_folders: tuple[tuple[str, int], ...]
     patient_pattern: str
-    external_test: tuple[str, ...]  # PATH/<class folder>/<files>: extra test sets, reported by folder name
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -146,7 +149,8 @@ class PriorSettings:
 class PrivacySettings:
     """`none`; `local`: record-level DP-SGD at each hospital (target_epsilon, max_grad_norm,
     budget_epsilon); `central`: client-level DP-FedAvg at the server (client_target_epsilon,
-    update_clip_norm); `local_central`: both. `delta` serves both guarantees."""
+    update_clip_norm) — client-level DP, not centralized training (that is num_clients=1);
+    `local_central`: both. `delta` serves both guarantees."""
 
     mode: str
     delta: float | None = None
@@ -238,12 +242,15 @@ class EvaluationSettings:
     `select`: `last` evaluates the test split every round and keeps the last model;
     `best_val` evaluates only the validation split each round, keeps the model of the round
     with the best validation AUROC and touches the test split once, for that model (the ε
-    reported is still everything the run spent)."""
+    reported is still everything the run spent); `threshold`: the rule that picks each
+    evaluated model's decision threshold on the validation split (accuracy, sensitivity,
+    specificity and the fairness gaps are at that threshold; see metrics.choose_threshold)."""
 
     bootstrap: int
     max_hospital_subgroups: int
     ema: float | None
     select: str
+    threshold: str | float
 
 
 @dataclass(frozen=True)
@@ -336,6 +343,7 @@ class RunSettings:
     faults: FaultSettings
     backend: BackendSettings
     resume: str | None = None  # a run directory to continue from its last checkpoint
+    verbose: bool = False  # the console also shows Flower's and Ray's own output
 
 
 PRIVACY_MODES = ("none", "local", "central", "local_central")
@@ -375,6 +383,7 @@ def settings_from_config(cfg: DictConfig) -> RunSettings:
         prior=_build(PriorSettings, raw["prior"], "prior"),
         faults=_build(FaultSettings, raw["faults"], "faults"),
         resume=_optional_str(raw, "resume"),
+        verbose=_flag(raw, "verbose"),
         backend=_build(BackendSettings, raw["backend"], "backend"),
     )
     validate(settings)
@@ -383,7 +392,7 @@ def settings_from_config(cfg: DictConfig) -> RunSettings:
 
 def validate(s: RunSettings) -> None:
     """Check every value a user can get wrong; the message names the key and the fix."""
-    _require(s.num_clients >= 1, "num_clients must be at least 1 (num_clients=1 is the central baseline)")
+    _require(s.num_clients >= 1, "num_clients must be at least 1 (num_clients=1: centralized training, one hospital holding all training data)")
     _require(s.rounds >= 1, "rounds must be at least 1")
     _require(s.local_epochs >= 1, "local_epochs must be at least 1")
     _require(s.seed >= 0, "seed must be a non-negative integer")
@@ -513,6 +522,10 @@ def validate(s: RunSettings) -> None:
     )
     ema = s.evaluation.ema
     _require(ema is None or 0 < ema < 1, f"evaluation.ema={ema} must be a decay strictly between 0 and 1 (or null: no average)")
+    try:
+        parse_threshold(s.evaluation.threshold)
+    except ValueError as error:
+        raise FedprivError(f"evaluation.threshold={s.evaluation.threshold!r}: {error}; use {THRESHOLD_RULES}") from None
     _require(s.evaluation.select in SELECTIONS, f"evaluation.select={s.evaluation.select!r} must be one of {', '.join(SELECTIONS)}")
     _require(16 <= s.data.image_size <= 1024, f"data.image_size={s.data.image_size} must be between 16 and 1024")
     d = s.data
@@ -541,14 +554,15 @@ def validate(s: RunSettings) -> None:
             len(d.window) == 2 and d.window[1] > 0,
             f"data.window={list(d.window)} must be [center, width] with width > 0 (or null)",
         )
-    if isinstance(d, FolderDataSettings):
-        names = [Path(str(path)).name for path in d.external_test]
+    if isinstance(d, FileDataSettings):
+        kind = "manifest CSVs" if isinstance(d, ManifestDataSettings) else "folders"
+        names = [external_name(str(path)) for path in d.external_test]
         _require(
             isinstance(d.external_test, tuple)
             and all(isinstance(path, str) and path for path in d.external_test)
             and len(set(names)) == len(names),
-            f"data.external_test={list(d.external_test)} must be a list of folders with distinct names "
-            "(results are reported by folder name)",
+            f"data.external_test={list(d.external_test)} must be a list of {kind} with distinct names "
+            "(results are reported by name)",
         )
     if isinstance(d, (ManifestDataSettings, NpzDataSettings)):
         bad = [(k, v) for k, v in d.labels if v not in (0, 1)]
@@ -589,6 +603,11 @@ def _validate_prior(s: RunSettings) -> None:
     if t.freeze_rounds is not None:
         _require(t.freeze == "backbone", "training.freeze_rounds needs training.freeze=backbone")
         _require(1 <= t.freeze_rounds <= s.rounds, f"training.freeze_rounds={t.freeze_rounds} must be between 1 and rounds={s.rounds} (null = every round)")
+
+
+def external_name(path: str) -> str:
+    """The name an external test set is reported by: its folder's name, or its CSV's without .csv."""
+    return Path(path).name.removesuffix(".csv")
 
 
 def _validate_synthetic(s: RunSettings) -> None:
@@ -676,6 +695,13 @@ def _model_settings(raw: dict) -> ModelSettings:
     if not isinstance(pretrained, bool):
         raise FedprivError(f"model.pretrained={pretrained!r} must be true or false")
     return ModelSettings(name=name, kwargs=_freeze(kwargs), init=init, pretrained=pretrained)
+
+
+def _flag(raw: dict, key: str) -> bool:
+    value = raw.get(key, False)
+    if not isinstance(value, bool):
+        raise FedprivError(f"{key}={value!r} must be true or false")
+    return value
 
 
 def _optional_str(raw: dict, key: str) -> str | None:

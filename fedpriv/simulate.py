@@ -13,9 +13,11 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from fedpriv import CONFIG_DIR
 from fedpriv.errors import FedprivError
 
 console = Console(stderr=True)
+log = logging.getLogger("fedpriv.simulate")
 
 
 def _fmt(value) -> str:
@@ -37,20 +39,37 @@ def partition_table(table: list[dict]) -> Table:
     return shown
 
 
+#: What each privacy mode protects, for the summary (privacy=central is client-level DP, not
+#: centralized training, which is num_clients=1).
+PRIVACY_MEANING = {
+    "none": "no DP",
+    "local": "record-level DP-SGD",
+    "central": "client-level DP-FedAvg",
+    "local_central": "record- and client-level DP",
+}
+
+
 def summary_table(summary: dict, run_dir: Path) -> Table:
     table = Table(title=f"fedpriv run — {run_dir}")
     table.add_column("metric")
     table.add_column("value", justify="right")
-    for key, value in summary["test"].items():
-        table.add_row(f"test {key}", _fmt(value))
-    if "auroc" in summary["test_ci95"]:
-        low, high = summary["test_ci95"]["auroc"]
-        table.add_row("test AUROC 95% CI (bootstrap)", f"{_fmt(low)} – {_fmt(high)}")
+    test = summary["test"]
+    interval = summary["test_ci95"].get("auroc")
+    ci = f" (95% CI {_fmt(interval[0])} – {_fmt(interval[1])})" if interval else ""
+    table.add_row("test AUROC", f"{_fmt(test['auroc'])}{ci}")
+    table.add_row("test AUPRC", _fmt(test["auprc"]))
+    table.add_row("test accuracy / sens / spec", " / ".join(_fmt(test[k]) for k in ("accuracy", "sensitivity", "specificity")))
+    threshold = summary.get("threshold")
+    if threshold:
+        how = f"{threshold['rule']} on validation" if threshold["chosen_on"] else "fixed"
+        table.add_row("decision threshold", f"{_fmt(threshold['value'])} ({how})")
+    for name, metrics in (summary.get("external") or {}).items():
+        table.add_row(f"external {name}: AUROC / sens / spec", " / ".join(_fmt(metrics[k]) for k in ("auroc", "sensitivity", "specificity")))
     for name, report in (summary["fairness"] or {}).items():
         table.add_row(f"{name}: worst-group AUROC / SPD / EOD", " / ".join(
             _fmt(report[k]) for k in ("worst_group_auroc", "spd", "equalized_odds_difference")))
     privacy = summary["privacy"]
-    table.add_row("privacy", privacy["mode"])
+    table.add_row("privacy", f"{privacy['mode']} ({PRIVACY_MEANING.get(privacy['mode'], privacy['mode'])})")
     if "hospitals" in privacy:
         table.add_row("ε spent (max over hospitals)", _fmt(privacy["max_epsilon"]))
         table.add_row("δ", f"{privacy['delta']:g}")
@@ -58,11 +77,12 @@ def summary_table(summary: dict, run_dir: Path) -> Table:
         if len(hospitals) > SHOWN_HOSPITALS:
             table.add_row("hospitals (each in summary.json)", str(len(hospitals)))
         else:
+            for names, cells in _grouped_hospitals(hospitals):
+                table.add_row(f"{names}: ε / σ / q / steps", cells)
             for h, p in hospitals.items():
-                table.add_row(f"hospital {h}: ε / σ / q / steps", " / ".join(_fmt(p[k]) for k in ("epsilon", "noise_multiplier", "sample_rate", "steps")))
                 if "gan" in p:
                     g = p["gan"]
-                    table.add_row(f"hospital {h}: GAN ε / σ / q / steps ({g['mechanism']})", " / ".join(_fmt(g[k]) for k in ("epsilon", "noise_multiplier", "sample_rate", "steps")))
+                    table.add_row(f"hospital {h}: GAN ε / σ / q / steps ({g['mechanism']})", _privacy_cells(g))
     if "client_level" in privacy:
         c = privacy["client_level"]
         table.add_row("client-level ε (DP-FedAvg)", _fmt(c["epsilon"]))
@@ -75,9 +95,27 @@ def summary_table(summary: dict, run_dir: Path) -> Table:
         table.add_row("Fréchet distance synthetic–real (real–real)", f"{_fmt(s['frechet_distance'])} ({_fmt(s['frechet_distance_real_val_vs_test'])})")
     for warning in [*privacy.get("warnings", []), *([summary["synthetic"]["warning"]] if "warning" in summary.get("synthetic", {}) else [])]:
         table.add_row("[bold red]warning", f"[red]{warning}")
-    table.add_row("hospitals × rounds", f"{summary['num_clients']} × {summary['rounds_completed']}/{summary['rounds']}")
+    clients = "1 (centralized)" if summary["num_clients"] == 1 else str(summary["num_clients"])  # one hospital, all data
+    table.add_row("hospitals × rounds", f"{clients} × {summary['rounds_completed']}/{summary['rounds']}")
     table.add_row("wall seconds", f"{summary['wall_seconds']:.1f}")
     return table
+
+
+def _privacy_cells(p: dict) -> str:
+    return " / ".join(_fmt(p[k]) for k in ("epsilon", "noise_multiplier", "sample_rate", "steps"))
+
+
+def _grouped_hospitals(hospitals: dict[str, dict]) -> list[tuple[str, str]]:
+    """(`hospital 2` or `hospitals 0–3`, their ε / σ / q / steps): consecutive hospitals with
+    the same figures share a row (an iid partition gives every hospital the same)."""
+    rows: list[tuple[list[str], str]] = []
+    for h, p in hospitals.items():
+        cells = _privacy_cells(p)
+        if rows and rows[-1][1] == cells:
+            rows[-1][0].append(h)
+        else:
+            rows.append(([h], cells))
+    return [(f"hospital {names[0]}" if len(names) == 1 else f"hospitals {names[0]}–{names[-1]}", cells) for names, cells in rows]
 
 
 def resumed_config(cfg: DictConfig) -> DictConfig:
@@ -97,17 +135,25 @@ def resumed_config(cfg: DictConfig) -> DictConfig:
     return original
 
 
-@hydra.main(config_path="../configs", config_name="simulate", version_base="1.3")
+# an absolute path: Hydra would read a relative one as a Python package when main() is called
+# from the `fedpriv` console command rather than run as `python -m fedpriv.simulate`
+@hydra.main(config_path=str(CONFIG_DIR), config_name="simulate", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    for noisy in ("flwr", "alembic", "matplotlib"):  # INFO chatter (Flower's state DB migrations, plot units)
-        logging.getLogger(noisy).setLevel(logging.WARNING)  # before the imports below log it
+    from omegaconf import OmegaConf
+
+    from fedpriv import run_log
+
+    run_log.configure(console, verbose=bool(cfg.get("verbose", False)))
     from fedpriv.experiment import run_experiment
+    from fedpriv.outputs import describe_round
     from fedpriv.settings import settings_from_config
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         if cfg.get("resume"):
             cfg, run_dir = resumed_config(cfg), Path(cfg.resume)
+            run_log.log_also_to(run_dir / "simulate.log")
+        log.info("run directory %s; config:\n%s", run_dir, OmegaConf.to_yaml(cfg).rstrip())
         settings = settings_from_config(cfg)
         with Progress(
             TextColumn("[bold]round {task.completed}/{task.total}"),
@@ -119,16 +165,18 @@ def main(cfg: DictConfig) -> None:
             task = progress.add_task("starting hospitals…", total=settings.rounds)
 
             def on_round(line: dict) -> None:
-                eps = f" ε={line['max_epsilon']:.2f}" if line["max_epsilon"] is not None else ""
-                eps += f" client ε={line['client_epsilon']:.2f}" if line["client_epsilon"] is not None else ""
-                split, auroc = ("test", line["auroc"]) if line["auroc"] is not None else ("val", line["val_auroc"])
-                progress.update(task, advance=1, description=f"{split} AUROC={auroc:.3f}{eps}")
+                progress.console.print(describe_round(line, settings.rounds), highlight=False, soft_wrap=True)
+                progress.update(task, advance=1, description="training" if line["round"] < settings.rounds else "final evaluation")
 
-            summary = run_experiment(settings, run_dir, on_round, lambda t: progress.console.print(partition_table(t)))
+            def on_partition(table: list[dict]) -> None:
+                run_log.show(progress.console, partition_table(table), "partition")
+
+            summary = run_experiment(settings, run_dir, on_round, on_partition)
     except FedprivError as error:
+        log.error("%s", error, extra={"console": False})
         console.print(f"[bold red]fedpriv:[/] {error}")
         sys.exit(2)
-    Console().print(summary_table(summary, run_dir))
+    run_log.show(Console(), summary_table(summary, run_dir), "summary")
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from fedpriv.errors import FedprivError
 from fedpriv.privacy.accounting import calibrate_noise_multiplier
 from fedpriv.settings import RunSettings, StrategySettings
 
-#: Metric every hospital reports as 1: the aggregation weight under central DP, where a
+#: Metric every hospital reports as 1: the aggregation weight under client-level DP (privacy=central), where a
 #: hospital's update must count the same whatever its size (sensitivity C / sampled).
 UNIFORM_WEIGHT = "uniform-weight"
 
@@ -85,7 +85,7 @@ def central_noise_multiplier(settings: RunSettings) -> float:
 
 
 def build_strategy(settings: RunSettings) -> Strategy:
-    """The configured Flower strategy; under central DP wrapped in Flower's server-side
+    """The configured Flower strategy; under client-level DP (privacy=central) wrapped in Flower's server-side
     fixed- or adaptive-clipping DP wrapper, with uniform weights.
 
     Adaptive clipping also releases a noisy count of clipped updates (std σ_b); Flower then

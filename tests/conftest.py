@@ -112,3 +112,32 @@ def write_cbis_like(root: Path, per_class: dict[str, int]) -> Path:
         write_class_folder(root / split, CBIS_CLASSES, n, first_patient=first)
         first += 2 * n
     return root
+
+
+def write_dicom(path: Path, pixels, *, slope=1.0, intercept=0.0, photometric="MONOCHROME2", window=None, **tags) -> Path:
+    """A real DICOM file (digital mammography, 16-bit stored, explicit VR little endian) with
+    these pixels and any further tags (e.g. PatientID="P1", ImageLaterality="L")."""
+    import numpy as np
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.2"  # digital mammography
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = pydicom.Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
+    if window:
+        ds.WindowCenter, ds.WindowWidth = window
+    for key, value in tags.items():
+        setattr(ds, key, value)
+    ds.PixelData = np.asarray(pixels).astype(np.uint16).tobytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path

@@ -69,9 +69,9 @@ def test_runs_that_differ_only_in_a_training_technique_are_separate_settings():
 
     settings = {"training": {"optimizer": "sgd", "lr": 0.2, "batch_size": 221, "lr_schedule": "cosine", "augmentations": 4},
                 "evaluation": {"ema": 0.6, "select": "best_val"}}
-    assert _training_setting(settings) == "sgd lr=0.2 B=221 cosine K=4 ema=0.6 best_val"
+    assert _training_setting(settings) == "sgd lr=0.2 B=221 cosine K=4 ema=0.6 best_val thr=0.5"
     settings["evaluation"]["ema"] = None
-    assert _training_setting(settings) == "sgd lr=0.2 B=221 cosine K=4 no-ema best_val"
+    assert _training_setting(settings) == "sgd lr=0.2 B=221 cosine K=4 no-ema best_val thr=0.5"
     from fedpriv.report import _model_setting  # a width or depth change is another setting too
 
     assert _model_setting("cnn", {"widths": [16, 32, 64]}) == "cnn(widths=[16, 32, 64])" and _model_setting("cnn", {}) == "cnn"
@@ -146,3 +146,55 @@ def test_a_bad_reference_file_is_named_with_its_line(tmp_path, content, message)
     with pytest.raises(FedprivError, match=message) as caught:
         load_reference(path)
     assert str(path) in str(caught.value)
+
+
+def _full_record(privacy, epsilon, seed, auroc):
+    """A run's record as run_record makes it, for the report's tables and plots."""
+    return {
+        "run": f"r{privacy}{epsilon}{seed}", "data": "d 32px", "model": "m", "privacy": privacy, "epsilon": epsilon,
+        "client_epsilon": math.inf, "clip": "1" if privacy != "none" else "-", "synthetic": "none", "num_clients": 3,
+        "strategy": "fedavg", "partition": "iid", "rounds": 3, "training": "sgd lr=0.1 B=8 constant K=1 no-ema last thr=youden",
+        "seed": seed, "spent_epsilon": epsilon, "auroc": auroc, "auprc": auroc, "accuracy": 0.7, "sensitivity": 0.7,
+        "specificity": 0.7, "fairness": {"site": {"spd": 0.1, "worst_group_auroc": auroc - 0.1, "auroc_gap": 0.1,
+                                                  "equalized_odds_difference": 0.1}},
+        "groups": {}, "tstr_auroc": math.nan, "audit_auroc": math.nan, "audit_epsilon": math.nan,
+        "curve_split": "test", "curve": [(1, auroc - 0.2), (2, auroc - 0.1), (3, auroc)], "external": {},
+    }
+
+
+def test_one_seed_shows_no_spread_nan_is_null_and_every_dotted_line_is_labelled(tmp_path, monkeypatch):
+    import json
+
+    from matplotlib.figure import Figure
+
+    from fedpriv.report import correlations, write_report
+
+    saved = []
+    original = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda self, *a, **k: (saved.append(self), original(self, *a, **k))[1])
+    monkeypatch.setattr("matplotlib.pyplot.close", lambda fig=None: None)
+    records = [_full_record("local", 1.0, 0, 0.7), _full_record("local", 1.0, 1, 0.8), _full_record("local", 8.0, 0, 0.85),
+               _full_record("none", math.inf, 0, 0.9)]
+    rows = table_rows(group_settings(records))
+    correlation = correlations(records)
+    assert math.isnan(correlation["auroc_drop~subgroup_size"]["r"])  # no subgroups: undefined
+    written = write_report(rows, records, correlation, tmp_path)
+    for name in ("auroc_vs_epsilon.png", "fairness_vs_epsilon.png", "learning_curves.png"):
+        assert tmp_path / name in written and (tmp_path / name).stat().st_size > 0
+
+    text = (tmp_path / "correlations.json").read_text()
+    assert "NaN" not in text and json.loads(text)["auroc_drop~subgroup_size"]["r"] is None
+    table = [line for line in (tmp_path / "report.md").read_text().splitlines() if line.startswith("| d 32px")]
+    assert len(table) == 3 and any("| 0.750 ± 0.071 |" in line for line in table)  # two seeds: mean ± std
+    single = [line for line in table if "| 0.900 |" in line or "| 0.850 |" in line]
+    assert len(single) == 2 and all("±" not in line for line in single)  # one seed: the value alone, never "± 0.000"
+
+    against_epsilon = [fig for fig in saved if fig.axes[0].get_xlabel().startswith("target ε")]
+    assert len(against_epsilon) == 2  # AUROC and SPD against ε
+    for fig in against_epsilon:
+        ax = fig.axes[0]
+        dotted = [line for line in ax.get_lines() if line.get_linestyle() == ":"]
+        assert dotted and all(not line.get_label().startswith("_") for line in dotted)  # each in the legend
+        assert all(line.get_label().startswith("no DP: ") for line in dotted)
+    curves = next(fig for fig in saved if fig.axes[0].get_xlabel() == "round")
+    assert all(float(t).is_integer() for t in curves.axes[0].get_xticks())  # whole rounds on the learning curves

@@ -77,6 +77,8 @@ def test_sigkill_at_any_moment_then_resume_gives_the_uninterrupted_result(tmp_pa
         after = json.loads((run_dir / "hospitals" / name).read_text())["spent"]
         assert after[: len(before)] == before
     assert killed_at <= 3
+    log = (run_dir / "simulate.log").read_text()  # the resumed run logs into the run's own simulate.log too
+    assert log.count(f"run directory {run_dir}; config:") == 2 and "round 3/3" in log
 
 
 def test_resume_refuses_another_config_and_a_finished_run(tmp_path, uninterrupted):

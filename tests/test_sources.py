@@ -8,14 +8,11 @@ import sys
 
 import nibabel
 import numpy as np
-import pydicom
 import pytest
 import torch
 from PIL import Image
-from pydicom.dataset import FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from conftest import ROOT, make_settings
+from conftest import ROOT, make_settings, write_dicom
 from fedpriv.data.image_folder import read_split_folders
 from fedpriv.data.manifest import manifest_splits
 from fedpriv.data.npz import read_npz
@@ -46,27 +43,6 @@ def _make_folder_dataset(root, patients=4):
 
 def _read_folders(root, collect=False):
     return read_split_folders(root, SPLITS, CLASSES, OPTIONS, r"(P_\w+?)_img", DataProblems(collect))
-
-
-def _write_dicom(path, pixels, *, slope=1.0, intercept=0.0, photometric="MONOCHROME2", window=None, **tags):
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.2"  # digital mammography
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = pydicom.Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Rows, ds.Columns = pixels.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
-    if window:
-        ds.WindowCenter, ds.WindowWidth = window
-    for key, value in tags.items():
-        setattr(ds, key, value)
-    ds.PixelData = pixels.astype(np.uint16).tobytes()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ds.save_as(path, enforce_file_format=True)
 
 
 def _write_manifest(path, rows, header=("path", "label", "patient_id", "split", "age")):
@@ -198,20 +174,20 @@ def test_manifest_through_the_config(tmp_path):
 
 def test_dicom_rescale_window_and_monochrome1(tmp_path):
     stored = np.tile(np.arange(0, 4096, 128, dtype=np.uint16), (32, 1))  # 12-bit ramp
-    _write_dicom(tmp_path / "a.dcm", stored, slope=2.0, intercept=-1000.0, window=(1096.0, 2000.0), PatientSex="F", PatientAge="063Y")
+    write_dicom(tmp_path / "a.dcm", stored, slope=2.0, intercept=-1000.0, window=(1096.0, 2000.0), PatientSex="F", PatientAge="063Y")
     image = read_file(tmp_path / "a.dcm", ReadOptions(32))
     # modality values 2·stored − 1000 ∈ [−1000, 7062]; window 1096 ± 1000 → [96, 2096]
     values = 2.0 * stored[0] - 1000
     expected = np.clip((values - 96) / 2000, 0, 1)
     assert np.allclose(image.pixels[0, 5], expected, atol=0.02)
     assert image.metadata == {"sex": "F", "age": 63.0}
-    _write_dicom(tmp_path / "b.dcm", stored, photometric="MONOCHROME1")
+    write_dicom(tmp_path / "b.dcm", stored, photometric="MONOCHROME1")
     inverted = read_file(tmp_path / "b.dcm", ReadOptions(32)).pixels[0]
     assert inverted[0, 0] > 0.9 and inverted[0, -1] < 0.1  # low stored value = bright in MONOCHROME1
 
 
 def test_truncated_dicom_is_named(tmp_path):
-    _write_dicom(tmp_path / "a.dcm", np.ones((64, 64), np.uint16))
+    write_dicom(tmp_path / "a.dcm", np.ones((64, 64), np.uint16))
     data = (tmp_path / "a.dcm").read_bytes()
     (tmp_path / "a.dcm").write_bytes(data[: len(data) // 2])
     with pytest.raises(FedprivError, match=r"a\.dcm cannot be read"):

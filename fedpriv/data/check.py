@@ -34,7 +34,7 @@ def check_data(settings: DataSettings, seed: int) -> DataReport:
         splits.check_disjoint_patients(f"data={settings.name}")
     except FedprivError as error:
         problems.messages.append(str(error))
-    for name, part in splits.parts.items():
+    for name, part in {**splits.parts, **{f"external {k}": v for k, v in splits.external.items()}}.items():
         malignant = int((part.labels == MALIGNANT).sum())
         report.counts[name] = {
             "images": len(part),

@@ -8,13 +8,21 @@ from pathlib import Path
 from fedpriv.data.readers import ReadOptions, is_readable, read_file
 from fedpriv.data.records import DataProblems, ImageRecords, SplitData, stack_records
 from fedpriv.errors import FedprivError
+from fedpriv.settings import external_name
 
 
 def read_class_folders(
-    root: Path, class_folders: dict[str, int], options: ReadOptions, patient_pattern: str, problems: DataProblems
+    root: Path,
+    class_folders: dict[str, int],
+    options: ReadOptions,
+    patient_pattern: str,
+    problems: DataProblems,
+    patients_required: bool = True,
 ) -> ImageRecords:
     """Read `root/<class folder>/*` (any readable format); the patient id is the first group of
-    `patient_pattern` in the file name; `site` is the data set's folder name."""
+    `patient_pattern` in the file name; `site` is the data set's folder name. Without
+    `patients_required` (an external test set, never split or partitioned by patient) a file
+    whose name has no patient id is its own patient."""
     images, labels, patients, metadata = [], [], [], []
     pattern = re.compile(patient_pattern)
     for folder, label in class_folders.items():
@@ -26,7 +34,7 @@ def read_class_folders(
             raise FedprivError(f"{directory} has no images; put the class images there or fix data.root")
         for path in files:
             match = pattern.search(path.name)
-            if match is None:
+            if match is None and patients_required:
                 problems.report(f"{path}: no patient id in the file name (data.patient_pattern={patient_pattern!r})")
                 continue
             try:
@@ -36,7 +44,7 @@ def read_class_folders(
                 continue
             images.append(item.pixels)
             labels.append(label)
-            patients.append(match.group(1))
+            patients.append(match.group(1) if match else f"{folder}/{path.name}")
             metadata.append({"site": root.parent.name, **item.metadata})
     return stack_records(str(root), images, labels, patients, metadata)
 
@@ -61,5 +69,8 @@ def read_split_folders(
     for folder in external:
         if not folder.is_dir():
             raise FedprivError(f"data.external_test: {str(folder)!r} is not a folder; list folders PATH/<class folder>/<files>")
-    tests = {folder.name: read_class_folders(folder, class_folders, options, patient_pattern, problems) for folder in external}
+    tests = {
+        external_name(str(folder)): read_class_folders(folder, class_folders, options, patient_pattern, problems, patients_required=False)
+        for folder in external
+    }
     return SplitData(**parts, skipped=tuple(problems.messages), external=tests)

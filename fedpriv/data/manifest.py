@@ -16,6 +16,7 @@ from fedpriv.data.readers import ReadOptions, read_file
 from fedpriv.data.records import DataProblems, ImageRecords, SplitData, stack_records
 from fedpriv.data.splits import split_by_patient
 from fedpriv.errors import FedprivError
+from fedpriv.settings import external_name
 
 REQUIRED = ("path", "label", "patient_id")
 SPLITS = ("train", "val", "test")
@@ -28,10 +29,13 @@ def read_manifest(
     labels: dict[str, int],
     options: ReadOptions,
     problems: DataProblems,
+    patients_required: bool = True,
 ) -> tuple[ImageRecords, np.ndarray | None]:
     """All readable rows as records, and each row's split (None when the CSV has no split
-    column). Rows that cannot be used are reported to `problems` with their line number."""
-    rows = _read_rows(manifest, columns)
+    column). Rows that cannot be used are reported to `problems` with their line number.
+    Without `patients_required` (an external test set) the patient_id column may be missing
+    or empty: such a row is its own patient."""
+    rows = _read_rows(manifest, columns, REQUIRED if patients_required else ("path", "label"))
     base = root if root is not None else manifest.parent
     images, classes, patients, metadata, splits = [], [], [], [], []
     mapped = set(columns.values())
@@ -41,8 +45,8 @@ def read_manifest(
         if raw_label not in labels:
             problems.report(f"{where}: label {raw_label!r} is not one of data.labels {sorted(labels)}; fix the row or data.labels")
             continue
-        patient = row[columns["patient_id"]].strip()
-        if not patient:
+        patient = (row.get(columns["patient_id"]) or "").strip()
+        if not patient and patients_required:
             problems.report(f"{where}: empty {columns['patient_id']!r}; every image needs its patient id")
             continue
         split = row.get(columns.get("split", ""), "").strip() if columns.get("split") in row else None
@@ -57,7 +61,7 @@ def read_manifest(
             continue
         images.append(item.pixels)
         classes.append(labels[raw_label])
-        patients.append(patient)
+        patients.append(patient or f"{manifest.name} line {line}")
         extra = {k: v.strip() for k, v in row.items() if k not in mapped}
         metadata.append({**item.metadata, **extra})
         splits.append(split)
@@ -77,8 +81,11 @@ def manifest_splits(
     test_fraction: float,
     seed: int,
     problems: DataProblems,
+    external: tuple[Path, ...] = (),
 ) -> SplitData:
-    """The CSV's own splits when it has a split column; otherwise a stratified split by patient."""
+    """The CSV's own splits when it has a split column; otherwise a stratified split by patient.
+    Each `external` manifest (same columns; patient ids optional, split ignored) is an extra
+    test set, keyed by its file name without .csv."""
     records, split_of = read_manifest(manifest, root, columns, labels, options, problems)
     if split_of is None:
         data = split_by_patient(records, val_fraction, test_fraction, seed)
@@ -87,21 +94,25 @@ def manifest_splits(
         for name, part in data.parts.items():
             if len(part) == 0:
                 raise FedprivError(f"{manifest}: no rows with split {name!r}; every split needs images")
+    data.external = {
+        external_name(str(path)): read_manifest(path, root, columns, labels, options, problems, patients_required=False)[0]
+        for path in external
+    }
     data.skipped = tuple(problems.messages)
     return data
 
 
-def _read_rows(manifest: Path, columns: dict[str, str]) -> list[tuple[int, dict[str, str]]]:
+def _read_rows(manifest: Path, columns: dict[str, str], required: tuple[str, ...]) -> list[tuple[int, dict[str, str]]]:
     if not manifest.is_file():
-        raise FedprivError(f"data.manifest={str(manifest)!r} is not a file; point it at the CSV")
+        raise FedprivError(f"data.manifest or data.external_test: {str(manifest)!r} is not a file; point it at the CSV")
     with manifest.open(newline="", encoding="utf-8-sig") as handle:
         reader = csv.DictReader(handle)
         header = reader.fieldnames or []
-        missing = [columns[key] for key in REQUIRED if columns.get(key) not in header]
+        missing = [key for key in required if columns.get(key) not in header]
         if missing:
             raise FedprivError(
-                f"{manifest} has no column {missing[0]!r} (columns: {header}); add it or map it with "
-                f"data.columns.{[k for k in REQUIRED if columns.get(k) == missing[0]][0]}=<your column>"
+                f"{manifest} has no column {columns.get(missing[0])!r} (columns: {header}); add it or map it with "
+                f"data.columns.{missing[0]}=<your column>"
             )
         rows = [(i + 2, row) for i, row in enumerate(reader)]  # line 1 is the header
     broken = [line for line, row in rows if None in row or None in row.values()]

@@ -41,7 +41,15 @@ class ReadImage:
 
 
 def is_readable(path: Path) -> bool:
-    return path.name.lower().endswith(READABLE_SUFFIXES)
+    return path.name.lower().endswith(READABLE_SUFFIXES) or _is_unsuffixed_dicom(path)
+
+
+def _is_unsuffixed_dicom(path: Path) -> bool:
+    """A DICOM file named without .dcm (as scanners and PACS exports often write them): no
+    known suffix, and the DICM preamble."""
+    from pydicom.misc import is_dicom
+
+    return not path.name.lower().endswith(READABLE_SUFFIXES) and path.is_file() and is_dicom(path)
 
 
 def read_file(path: Path, options: ReadOptions) -> ReadImage:
@@ -50,7 +58,7 @@ def read_file(path: Path, options: ReadOptions) -> ReadImage:
     if not path.is_file():
         raise FedprivError(f"{path} does not exist; fix the path or the data.root it is relative to")
     try:
-        if name.endswith(DICOM_SUFFIXES):
+        if name.endswith(DICOM_SUFFIXES) or _is_unsuffixed_dicom(path):
             raw, window, metadata = _decode_dicom(path)
         elif name.endswith((".nii", ".nii.gz")):
             raw, window, metadata = _decode_nifti(path), None, {}
@@ -59,7 +67,7 @@ def read_file(path: Path, options: ReadOptions) -> ReadImage:
         elif name.endswith(PIL_SUFFIXES):
             (raw, window), metadata = _decode_pil(path), {}
         else:
-            raise FedprivError(f"{path}: unknown file type; readable: {', '.join(READABLE_SUFFIXES)}")
+            raise FedprivError(f"{path}: unknown file type; readable: {', '.join(READABLE_SUFFIXES)} and DICOM files without a suffix")
         raw = np.squeeze(np.asarray(raw, dtype=np.float32))
     except FedprivError:
         raise

@@ -77,6 +77,7 @@ def _manifest(settings: ManifestDataSettings, seed: int, problems: DataProblems)
         settings.test_fraction,
         seed,
         problems,
+        tuple(Path(path).expanduser() for path in settings.external_test),
     )
 
 

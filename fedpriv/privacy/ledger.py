@@ -3,11 +3,11 @@ that follows. It is the only source of the ε figures fedpriv reports."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from fedpriv.errors import FedprivError
+from fedpriv.outputs import write_json
 from fedpriv.privacy.accounting import History, epsilon_spent
 from fedpriv.privacy.hospital_state import SYNTHETIC_ROUND
 
@@ -112,18 +112,21 @@ class PrivacyLedger:
     def epsilons(self, hospitals: list[int]) -> dict[int, float]:
         return {h: self.epsilon(h) for h in hospitals}
 
-    def to_dict(self, hospitals: list[int]) -> dict:
+    def to_dict(self, hospitals: list[int], record_level: bool = True, client_level: bool = True) -> dict:
+        """The ledger as JSON-ready data; an ε is null where its mechanism never ran in this run
+        (`record_level`: DP-SGD at the hospitals, `client_level`: DP-FedAvg at the server),
+        never 0, which would claim perfect privacy."""
         return {
             "accountant": "rdp",
             "delta": self.delta,
-            "epsilon": {str(h): e for h, e in self.epsilons(hospitals).items()},
-            "client_level_epsilon": self.client_level_epsilon(),
+            "epsilon": {str(h): e if record_level else None for h, e in self.epsilons(hospitals).items()},
+            "client_level_epsilon": self.client_level_epsilon() if client_level else None,
             "entries": [asdict(e) for e in self.entries],
             "public_steps": [dict(step) for step in self.public],
         }
 
-    def save(self, path: Path, hospitals: list[int]) -> None:
-        path.write_text(json.dumps(self.to_dict(hospitals), indent=2))
+    def save(self, path: Path, hospitals: list[int], record_level: bool = True, client_level: bool = True) -> None:
+        write_json(path, self.to_dict(hospitals, record_level, client_level))
 
     @classmethod
     def from_dict(cls, payload: dict) -> PrivacyLedger:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedpriv.errors import FedprivError
+from fedpriv.outputs import write_json
 from fedpriv.settings import RunSettings
 from fedpriv.synthetic.gan import ConditionalGenerator, GanShape, save_generator
 from fedpriv.synthetic.pool import SyntheticPool, save_sample_grid
@@ -66,7 +67,7 @@ def share_synthetic(federation, settings: RunSettings, run_dir: Path) -> SharedS
         save_sample_grid(images, labels, folder / f"samples_hospital_{hospital}.png", f"hospital {hospital}: synthetic samples")
         parts[hospital] = (images, labels)
     pool = SyntheticPool.pooled(parts)
-    (folder / FACTS_FILE).write_text(json.dumps({str(h): f for h, f in facts.items()}, indent=2))
+    write_json(folder / FACTS_FILE, {str(h): f for h, f in facts.items()})
     pool.save(folder / POOL_FILE)
     return SharedSynthetic(pool, {h: metrics for h, (_, metrics) in released.items()})
 
