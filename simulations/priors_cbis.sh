@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Study: priors that cost no privacy on the CBIS-DDSM mass patches (configs/experiment/priors_cbis.yaml).
+# Study: priors that cost no privacy on the CBIS-DDSM mass patches (configs/experiment/recipe_cbis.yaml, the shipped recipe).
 # 1. The ε grid × seeds, centralized (num_clients=1) and 3 hospitals (num_clients=3), each with
 #    its non-private twin → OUT/central/, OUT/federated/.
 # 2. Ablations, centralized at ABLATION_EPSILONS: the recipe with one choice changed
@@ -21,17 +21,17 @@ declare -A SETTING=([central]="num_clients=1" [federated]="num_clients=3")
 declare -A ABLATION=(
   [prior_none]="prior=none"                       # no prior: random initialization
   [prior_phantom]="prior=phantom"                 # supervised on the procedural phantom
-  [no_freeze]="training.freeze=none training.freeze_rounds=null"   # every layer trains from round 1
-  [transformer]="model=vit_hybrid_tiny"           # the conv-stem ViT with the same prior and schedule
-  [px32]="data.image_size=32 ~model.kwargs.stem_stride"   # 32 px, stem at full resolution (the same cost)
+  [no_freeze]="training.freeze=none privacy.max_grad_norm=10 training.lr=0.02"   # every layer trains from round 1 (the from-scratch recipe's C and lr)
+  [transformer]="model=vit_hybrid_tiny ~model.kwargs.stem_stride"           # the conv-stem ViT with its own prior and the same schedule
+  [px32]="data.image_size=32 model.kwargs.stem_stride=1"  # 32 px, stem at full resolution (the same cost)
 )
 for federation in ${FEDERATIONS-central federated}; do
   # shellcheck disable=SC2086  # the setting is a list of overrides
-  sweep priors_cbis "$OUT/$federation" "${EPSILONS:-1,6,12,20,60}" "${SEEDS:-0,1,2}" ${SETTING[$federation]} "$@"
+  sweep recipe_cbis "$OUT/$federation" "${EPSILONS:-1,6,12,20,60}" "${SEEDS:-0,1,2}" ${SETTING[$federation]} "$@"
 done
 for name in ${ABLATIONS-prior_none prior_phantom no_freeze transformer px32}; do
   # shellcheck disable=SC2086
-  python -m fedpriv.simulate -m +experiment=priors_cbis "privacy.target_epsilon=${ABLATION_EPSILONS:-1,6}" "seed=${SEEDS:-0,1,2}" \
+  python -m fedpriv.simulate -m +experiment=recipe_cbis "privacy.target_epsilon=${ABLATION_EPSILONS:-1,6}" "seed=${SEEDS:-0,1,2}" \
     ${SETTING[central]} ${ABLATION[$name]} "hydra.sweep.dir=$OUT/ablation/$name" "$@"
 done
 python -m fedpriv.report "$OUT" --out "$OUT/report" --reference "$REFERENCE"

@@ -18,7 +18,7 @@ def test_experiment_config_composes_into_valid_settings(experiment):
     settings = make_settings([f"+experiment={experiment}", "data.root=/data"] if "cbis" in experiment else [f"+experiment={experiment}"])
     if experiment.startswith("fairness"):
         assert settings.audit.name == "mia" and settings.num_clients >= 3
-    elif experiment == "recipe_cbis":  # the DP recipe (issue #6): SGD with momentum, q ≈ 0.2 at each of 3 hospitals (1,104 patches)
+    elif experiment in ("recipe_cbis", "scratch_cbis"):  # the DP recipes: SGD with momentum, q ≈ 0.2 at each of 3 hospitals (1,104 patches)
         assert settings.training.optimizer == "sgd" and settings.training.batch_size / (1104 / 3) == pytest.approx(0.2, abs=0.01)
 
 
@@ -58,7 +58,7 @@ def test_synthetic_study_runs_shrunken_end_to_end_on_cbis(tmp_path, cbis_root):
         report = (tmp_path / setup / "report" / "report.md").read_text()
         assert "| pretrain |" in report and "| none |" in report
 def test_recipe_study_smoke_run_writes_the_report_table(tmp_path):
-    """simulations/recipe_cbis.sh shrunk to one ε, one seed, the central part and one ablation,
+    """simulations/scratch_cbis.sh shrunk to one ε, one seed, the central part and one ablation,
     1 round, on a written CBIS-like folder with an external test folder: the report has the
     recipe, its non-private reference and the ablation as three rows."""
     root = write_cbis_like(tmp_path / "cbis", {"train": 12, "val": 4, "test": 6})
@@ -67,7 +67,7 @@ def test_recipe_study_smoke_run_writes_the_report_table(tmp_path):
     env |= {"EPSILONS": "6", "SEEDS": "0", "FEDERATIONS": "central", "ABLATIONS": "no_ema", "PYTHONPATH": str(ROOT)}
     tiny = [f"data.root={root}", f"data.external_test=[{tmp_path / 'site_x'}]", "data.image_size=32", "rounds=1",
             "training.augmentations=2", "evaluation.bootstrap=0"]
-    proc = subprocess.run(["bash", str(ROOT / "simulations" / "recipe_cbis.sh"), str(tmp_path / "out"), *tiny],
+    proc = subprocess.run(["bash", str(ROOT / "simulations" / "scratch_cbis.sh"), str(tmp_path / "out"), *tiny],
                           capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = (tmp_path / "out" / "report" / "report.md").read_text()

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# Study (issue #6): the DP recipe of configs/experiment/recipe_cbis.yaml on the CBIS-DDSM patches.
+# Study: the from-scratch DP baseline of configs/experiment/scratch_cbis.yaml on the CBIS-DDSM patches.
 # 1. The ε grid × seeds, central (num_clients=1) and 3 hospitals, batch 74 in both (q ≈ 0.067
 #    centrally, 0.2 at each hospital), each with its non-private twin → OUT/central/, OUT/federated/.
 # 2. Ablations, central at ε = ABLATION_EPSILON: the recipe with one technique changed
 #    → OUT/ablation/<name>/.
 # 3. One report over every run → OUT/report/ (the techniques of a row in its `training` column).
-# Usage: bash simulations/recipe_cbis.sh [OUT] [extra Hydra overrides, e.g. rounds=2]
+# Usage: bash simulations/scratch_cbis.sh [OUT] [extra Hydra overrides, e.g. rounds=2]
 #   Parts: FEDERATIONS (default "central federated"), ABLATIONS (default: all below; "" = none),
 #   EPSILONS (default 1,6,12,20,60), SEEDS (default 0,1,2), ABLATION_EPSILON (default 6).
 set -euo pipefail
@@ -13,7 +13,7 @@ cd "$(dirname "$0")/.."
 # Osuala et al. 2024 (Swin-T, ImageNet-pretrained frozen backbone, δ = 1e-4, mean of 3 seeds) on this exact split
 REFERENCE=simulations/reference/osuala2024_cbis.csv
 source simulations/_sweep.sh
-OUT=${1:-studies/recipe_cbis}
+OUT=${1:-studies/scratch_cbis}
 shift || true
 declare -A SETTING=([central]="num_clients=1" [federated]="num_clients=3")
 declare -A ABLATION=(
@@ -29,11 +29,11 @@ declare -A ABLATION=(
 )
 for federation in ${FEDERATIONS-central federated}; do
   # shellcheck disable=SC2086  # the setting is a list of overrides
-  sweep recipe_cbis "$OUT/$federation" "${EPSILONS:-1,6,12,20,60}" "${SEEDS:-0,1,2}" ${SETTING[$federation]} "$@"
+  sweep scratch_cbis "$OUT/$federation" "${EPSILONS:-1,6,12,20,60}" "${SEEDS:-0,1,2}" ${SETTING[$federation]} "$@"
 done
 for name in ${ABLATIONS-clip1_lr02 clip_schedule stem2_64px augmult4 no_ema constant_lr half_width_64px vit_hybrid synthetic_pretrain}; do
   # shellcheck disable=SC2086
-  python -m fedpriv.simulate -m +experiment=recipe_cbis "privacy.target_epsilon=${ABLATION_EPSILON:-6}" "seed=${SEEDS:-0,1,2}" \
+  python -m fedpriv.simulate -m +experiment=scratch_cbis "privacy.target_epsilon=${ABLATION_EPSILON:-6}" "seed=${SEEDS:-0,1,2}" \
     ${SETTING[central]} ${ABLATION[$name]} "hydra.sweep.dir=$OUT/ablation/$name" "$@"
 done
 python -m fedpriv.report "$OUT" --out "$OUT/report" --reference "$REFERENCE"
