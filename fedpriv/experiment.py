@@ -51,46 +51,45 @@ def run_experiment(
     `on_partition` sees the partition table before training, `on_round` each metrics line.
     """
     started = time.perf_counter()
-    strategy = build_strategy(settings)
-    plan = prepare(settings)
-    splits, shards, table = plan.splits, plan.shards, plan.table
+    with RunDirectory(run_dir).exclusive() as run:  # one writer per run directory, to the end
+        checkpoint = resume_point(settings, run)
+        plan = prepare(settings)
+        splits, shards, table = plan.splits, plan.shards, plan.table
+        strategy = build_strategy(settings)
+        run.write_json("partition.json", table)
+        run.plot_partition(table)
+        on_partition(table)
+        if settings.resume is not None:  # drop lines the kill left without a checkpoint
+            run.rewrite_metrics(checkpoint.lines if checkpoint is not None else [])
+        if checkpoint is not None:
+            ledger = PrivacyLedger.from_dict(checkpoint.ledger)
+        else:
+            ledger = PrivacyLedger(delta=settings.privacy.delta if settings.privacy.delta is not None else 0.0)
+        trainer = HospitalTrainer(settings, str(run.path / HOSPITAL_STATE_DIR))
+        result: dict = {}
 
-    run = RunDirectory(run_dir)
-    checkpoint = resume_point(settings, run)
-    run.write_json("partition.json", table)
-    run.plot_partition(table)
-    on_partition(table)
-    if settings.resume is not None:  # drop lines the kill left without a checkpoint
-        run.rewrite_metrics(checkpoint.lines if checkpoint is not None else [])
-    if checkpoint is not None:
-        ledger = PrivacyLedger.from_dict(checkpoint.ledger)
-    else:
-        ledger = PrivacyLedger(delta=settings.privacy.delta if settings.privacy.delta is not None else 0.0)
-    trainer = HospitalTrainer(settings, str(run.path / HOSPITAL_STATE_DIR))
-    result: dict = {}
+        def server_main(federation) -> None:
+            result["lines"], result["weights"], result["final"] = run_rounds(federation, settings, splits, run, ledger, on_round, checkpoint)
 
-    def server_main(federation) -> None:
-        result["lines"], result["weights"], result["final"] = run_rounds(federation, settings, splits, run, ledger, on_round, checkpoint)
-
-    timeout = settings.faults.client_timeout
-    run_federation(
-        build_server_app(server_main, strategy, settings.num_clients, timeout, settings.privacy.central),
-        build_client_app(trainer, trainer.describe, trainer.synthesize),
-        settings.num_clients,
-        settings.backend,
-    )
-    if "lines" not in result:
-        raise FedprivError("the simulation stopped before all rounds finished; see the log above")
-    lines = result["lines"]
-    run.plot_rounds(lines)
-    run.plot_privacy_utility(lines)
-    intervals = final_intervals(settings, result["weights"], splits)
-    summary = make_summary(settings, lines, result["final"], ledger, table, intervals, time.perf_counter() - started, splits.skipped)
-    if settings.synthetic.enabled:
-        summary["synthetic"] = synthetic_summary(settings, run.path, splits, result["weights"])
-    if settings.audit.name == "mia":
-        summary["audit"] = run_audit(settings, result["weights"], splits, shards, summary["privacy"])
-    run.write_json("summary.json", summary)
+        timeout = settings.faults.client_timeout
+        run_federation(
+            build_server_app(server_main, strategy, settings.num_clients, timeout, settings.privacy.central),
+            build_client_app(trainer, trainer.describe, trainer.synthesize),
+            settings.num_clients,
+            settings.backend,
+        )
+        if "lines" not in result:
+            raise FedprivError("the simulation stopped before all rounds finished; see the log above")
+        lines = result["lines"]
+        run.plot_rounds(lines)
+        run.plot_privacy_utility(lines)
+        intervals = final_intervals(settings, result["weights"], splits)
+        summary = make_summary(settings, lines, result["final"], ledger, table, intervals, time.perf_counter() - started, splits.skipped)
+        if settings.synthetic.enabled:
+            summary["synthetic"] = synthetic_summary(settings, run.path, splits, result["weights"])
+        if settings.audit.name == "mia":
+            summary["audit"] = run_audit(settings, result["weights"], splits, shards, summary["privacy"])
+        run.write_json("summary.json", summary)
     return summary
 
 

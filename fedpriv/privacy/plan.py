@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fedpriv.privacy.accounting import calibrate_noise_multiplier, poisson_plan
-from fedpriv.settings import RunSettings
+from fedpriv.privacy.accounting import History, calibrate_noise_multiplier, epsilon_spent, poisson_plan
+from fedpriv.settings import PrivacySettings, RunSettings
 
 
 @dataclass(frozen=True)
@@ -55,3 +55,11 @@ def classifier_mechanism(settings: RunSettings, real_records: int) -> Mechanism:
     planned = settings.rounds * settings.local_epochs * per_epoch
     sigma = calibrate_noise_multiplier(p.target_epsilon, p.delta, sample_rate, planned, prior)
     return Mechanism(sigma, sample_rate, settings.local_epochs * per_epoch)
+
+
+def fits_budget(history: History, session: tuple[float, float, int], privacy: PrivacySettings) -> bool:
+    """Whether a hospital with this history may run one more session within its budget. Only
+    sessions that added noise count: a GAN without DP (σ = 0) makes its ε ∞ anyway, and the
+    budget then governs the classifier alone."""
+    private = [entry for entry in history if entry[0] > 0]
+    return epsilon_spent([*private, session], privacy.delta) <= privacy.budget
