@@ -19,7 +19,7 @@ from fedpriv.data.records import SplitData, concat_records
 from fedpriv.data.sources import load_splits
 from fedpriv.errors import FedprivError
 from fedpriv.models import build_model
-from fedpriv.federation import build_client_app, build_server_app, run_federation
+from fedpriv.federation import build_client_app, build_server_app, check_backend, run_federation
 from fedpriv.outputs import RunDirectory
 from fedpriv.privacy.accounting import epsilon_spent
 from fedpriv.privacy.plan import classifier_mechanism, gan_mechanism
@@ -106,6 +106,7 @@ class Plan:
 def prepare(settings: RunSettings) -> Plan:
     """Load and check the data, partition it and check the privacy plan; all the work before
     training, so that every bad setting or file stops here with one clear message."""
+    check_backend(settings.backend)
     splits = load_splits(settings.data, settings.seed)
     splits.check_disjoint_patients(f"data={settings.data.name}")
     for name, _ in settings.data.fairness_attributes:

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -80,16 +83,16 @@ def summary_table(summary: dict, run_dir: Path) -> Table:
     return table
 
 
-def resumed_config(cfg: DictConfig) -> DictConfig:
+def resumed_config(cfg: DictConfig, overrides: list[str]) -> DictConfig:
     """`resume=DIR` continues that run with its own config (DIR/.hydra/config.yaml)."""
     from omegaconf import OmegaConf
 
-    from fedpriv.errors import FedprivError
-
+    if not isinstance(cfg.resume, str) or not cfg.resume:
+        raise FedprivError(f"resume={cfg.resume!r} must be the run directory to continue: resume=PATH")
     saved = Path(cfg.resume) / ".hydra" / "config.yaml"
     if not saved.is_file():
         raise FedprivError(f"resume={cfg.resume}: no run config at {saved}; point resume at a run directory")
-    others = [o for o in HydraConfig.get().overrides.task if not o.startswith(("resume=", "hydra."))]
+    others = [o for o in overrides if not o.startswith(("resume=", "hydra."))]
     if others:
         raise FedprivError(f"resume continues a run with its own config; drop the other overrides ({others[0]})")
     original = OmegaConf.load(saved)
@@ -97,39 +100,68 @@ def resumed_config(cfg: DictConfig) -> DictConfig:
     return original
 
 
+def fail(error: Exception) -> NoReturn:
+    """One line on stderr, never wrapped (it may be piped), and exit status 2."""
+    console.print(f"[bold red]fedpriv:[/] {escape(str(error))}", soft_wrap=True)
+    sys.exit(2)
+
+
 @hydra.main(config_path="../configs", config_name="simulate", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     for noisy in ("flwr", "alembic", "matplotlib"):  # INFO chatter (Flower's state DB migrations, plot units)
         logging.getLogger(noisy).setLevel(logging.WARNING)  # before the imports below log it
-    from fedpriv.experiment import run_experiment
     from fedpriv.settings import settings_from_config
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    progress = Progress(
+        TextColumn("[bold]round {task.completed}/{task.total}"),
+        BarColumn(),
+        TextColumn("{task.description}"),
+        TimeElapsedColumn(),
+        console=console,
+    )
+
+    def on_partition(table: list[dict]) -> None:  # the data and settings are checked: training starts
+        progress.console.print(partition_table(table))
+        progress.start()
+
+    def on_round(line: dict) -> None:
+        eps = f" ε={line['max_epsilon']:.2f}" if line["max_epsilon"] is not None else ""
+        eps += f" client ε={line['client_epsilon']:.2f}" if line["client_epsilon"] is not None else ""
+        split, auroc = ("test", line["auroc"]) if line["auroc"] is not None else ("val", line["val_auroc"])
+        progress.update(progress.task_ids[0], advance=1, description=f"{split} AUROC={auroc:.3f}{eps}")
+
     try:
-        if cfg.get("resume"):
-            cfg, run_dir = resumed_config(cfg), Path(cfg.resume)
-        settings = settings_from_config(cfg)
-        with Progress(
-            TextColumn("[bold]round {task.completed}/{task.total}"),
-            BarColumn(),
-            TextColumn("{task.description}"),
-            TimeElapsedColumn(),
-            console=console,
-        ) as progress:
-            task = progress.add_task("starting hospitals…", total=settings.rounds)
+        if cfg.get("resume") is not None:
+            cfg, run_dir = resumed_config(cfg, HydraConfig.get().overrides.task), Path(cfg.resume)
+        settings = settings_from_config(cfg)  # before the heavy imports: a bad setting stops in a second
+        from fedpriv.experiment import run_experiment
 
-            def on_round(line: dict) -> None:
-                eps = f" ε={line['max_epsilon']:.2f}" if line["max_epsilon"] is not None else ""
-                eps += f" client ε={line['client_epsilon']:.2f}" if line["client_epsilon"] is not None else ""
-                split, auroc = ("test", line["auroc"]) if line["auroc"] is not None else ("val", line["val_auroc"])
-                progress.update(task, advance=1, description=f"{split} AUROC={auroc:.3f}{eps}")
-
-            summary = run_experiment(settings, run_dir, on_round, lambda t: progress.console.print(partition_table(t)))
+        progress.add_task("starting hospitals…", total=settings.rounds)
+        try:
+            summary = run_experiment(settings, run_dir, on_round, on_partition)
+        finally:
+            if progress.live.is_started:  # (stopping one never started prints a blank line)
+                progress.stop()
     except FedprivError as error:
-        console.print(f"[bold red]fedpriv:[/] {error}")
-        sys.exit(2)
+        fail(error)
     Console().print(summary_table(summary, run_dir))
 
 
+def cli() -> None:
+    """The command. Hydra's own errors (an unknown option, a misspelt key, override syntax)
+    stop it like fedpriv's: one line naming the key and exit status 2, not Hydra's report."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from fedpriv.settings import config_error
+
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises them to us instead of printing its report
+    try:
+        main()
+    except (HydraException, OmegaConfBaseException) as error:
+        fail(config_error(error))
+
+
 if __name__ == "__main__":
-    main()
+    cli()

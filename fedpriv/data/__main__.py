@@ -11,6 +11,7 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -18,8 +19,12 @@ USAGE = "usage: python -m fedpriv.data check data=NAME [data.KEY=VALUE ...]"
 
 
 def main(argv: list[str]) -> int:
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
     from fedpriv.data.check import check_data
-    from fedpriv.settings import settings_from_config
+    from fedpriv.errors import FedprivError
+    from fedpriv.settings import config_error, settings_from_config
 
     console = Console()
     if not argv or argv[0] != "check":
@@ -28,9 +33,10 @@ def main(argv: list[str]) -> int:
     try:
         with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
             settings = settings_from_config(compose("simulate", overrides=argv[1:]))
-    except Exception as error:  # FedprivError, or Hydra's own (unknown group, override syntax)
-        console.print(f"[bold red]fedpriv:[/] {error}")
-        return 2
+    except (HydraException, OmegaConfBaseException) as error:  # unknown option, misspelt key, override syntax
+        return _fail(console, config_error(error))
+    except FedprivError as error:
+        return _fail(console, error)
     report = check_data(settings.data, settings.seed)
     table = Table(title=f"data={settings.data.name}: records per split (item shape {report.shape})")
     for column in ("split", "images", "patients", "malignant", "benign", "images per site"):
@@ -47,6 +53,11 @@ def main(argv: list[str]) -> int:
         return 1
     console.print("[green]every record is readable and consistent[/]")
     return 0
+
+
+def _fail(console: Console, error: Exception) -> int:
+    console.print(f"[bold red]fedpriv:[/] {escape(str(error))}", soft_wrap=True)
+    return 2
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ def gan_mechanism(settings: RunSettings, real_records: int) -> Mechanism | None:
     steps = g.epochs * per_epoch
     if not g.dp:
         return Mechanism(0.0, sample_rate, steps)
-    sigma = calibrate_noise_multiplier(g.epsilon_share * p.target_epsilon, p.delta, sample_rate, steps)
+    sigma = calibrate_noise_multiplier(g.epsilon_share * p.target_epsilon, p.delta, sample_rate, steps, key="synthetic.epsilon_share × privacy.target_epsilon")
     return Mechanism(sigma, sample_rate, steps)
 
 
@@ -55,6 +55,15 @@ def classifier_mechanism(settings: RunSettings, real_records: int) -> Mechanism:
     planned = settings.rounds * settings.local_epochs * per_epoch
     sigma = calibrate_noise_multiplier(p.target_epsilon, p.delta, sample_rate, planned, prior)
     return Mechanism(sigma, sample_rate, settings.local_epochs * per_epoch)
+
+
+def central_noise_multiplier(settings: RunSettings) -> float:
+    """σ of client-level DP-FedAvg, calibrated so the planned rounds land on
+    privacy.client_target_epsilon. Accounted without amplification by client sampling
+    (q = 1): Flower samples a fixed number of hospitals, for which Poisson-subsampling
+    amplification does not hold, so this is an honest upper bound."""
+    p = settings.privacy
+    return calibrate_noise_multiplier(p.client_target_epsilon, p.delta, 1.0, settings.rounds, key="privacy.client_target_epsilon")
 
 
 def fits_budget(history: History, session: tuple[float, float, int], privacy: PrivacySettings) -> bool:
