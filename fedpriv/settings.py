@@ -55,7 +55,8 @@ class FileDataSettings(BaseDataSettings):
     """Options of every source that reads files: the intensity `window` [center, width] in
     the files' units (null = the DICOM window, else the 0.5–99.5 percentile range),
     `volume_fit` (resample | crop) for 3D files, and `skip_unreadable` (false: the first bad
-    file stops the run; true: bad items are left out, counted and listed in the summary)."""
+    or repeated file stops the run; true: such items are left out, counted and listed in the
+    summary)."""
 
     window: tuple[float, ...] | None = None
     volume_fit: str = "resample"
@@ -88,11 +89,14 @@ class ManifestDataSettings(FileDataSettings):
 
 @dataclass(frozen=True, kw_only=True)
 class NpzDataSettings(BaseDataSettings):
-    """`source: npz`: a MedMNIST-format .npz file given by `path`."""
+    """`source: npz`: a MedMNIST-format .npz file given by `path`; `skip_unreadable` (true:
+    repeated images are left out, counted and listed in the summary; false: the first stops
+    the run)."""
 
     path: str
     labels: tuple[tuple[str, int], ...]
     volume_fit: str = "resample"
+    skip_unreadable: bool = False
 
 
 DataSettings = PhantomDataSettings | FolderDataSettings | ManifestDataSettings | NpzDataSettings
