@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from fedpriv.audit import audit_federation
@@ -109,12 +110,14 @@ def prepare(settings: RunSettings) -> Plan:
     check_backend(settings.backend)
     splits = load_splits(settings.data, settings.seed)
     splits.check_disjoint_patients(f"data={settings.data.name}")
-    for name, _ in settings.data.fairness_attributes:
+    for name, edges in settings.data.fairness_attributes:
         if name not in splits.test.metadata:
             raise FedprivError(
                 f"data.fairness_attributes: {name!r} is not in the metadata of data={settings.data.name} "
                 f"(has: {sorted(splits.test.metadata)})"
             )
+        if edges and not np.issubdtype(splits.test.metadata[name].dtype, np.number):
+            raise FedprivError(f"data.fairness_attributes.{name}: bin edges for a column of categories; set it to []")
     check_model_fits_data(settings, splits.train.images[:1])
     if settings.synthetic.enabled and splits.train.images.ndim != 4:
         raise FedprivError(f"synthetic={settings.synthetic.name}: the GAN makes 2D images, but data={settings.data.name} holds volumes; use synthetic=none")

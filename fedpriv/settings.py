@@ -522,6 +522,11 @@ def validate(s: RunSettings) -> None:
     _require(s.evaluation.select in SELECTIONS, f"evaluation.select={s.evaluation.select!r} must be one of {', '.join(SELECTIONS)}")
     _require(16 <= s.data.image_size <= 1024, f"data.image_size={s.data.image_size} must be between 16 and 1024")
     d = s.data
+    for name, edges in d.fairness_attributes:
+        _require(
+            isinstance(edges, tuple) and all(_is_number(e) and math.isfinite(e) for e in edges) and list(edges) == sorted(set(edges)),
+            f"data.fairness_attributes.{name}={list(edges) if isinstance(edges, tuple) else edges!r} must be increasing bin edges, e.g. [50, 65] ([] = categories)",
+        )
     if isinstance(d, PhantomDataSettings):
         dims = 3 if d.source == "phantom_ct" else 2
         need = d.num_patients * d.images_per_patient * d.image_size**dims * 4 * GENERATOR_COPIES
@@ -570,8 +575,9 @@ def validate(s: RunSettings) -> None:
         central_noise_multiplier(s)
 
 
-#: What Ray reserves per hospital (Flower hands client_resources to Ray's actor options).
-RAY_RESOURCES = ("num_cpus", "num_gpus", "memory")
+#: What Ray reserves per hospital: the resources Flower sizes its actor pool by (others, e.g.
+#: memory, could leave every actor unschedulable and the simulation waiting).
+RAY_RESOURCES = ("num_cpus", "num_gpus")
 
 
 def _validate_backend(b: BackendSettings) -> None:

@@ -61,7 +61,7 @@ def test_bad_strategy_settings(overrides, key):
         (["backend.client_resources.num_cpus=-1"], "backend.client_resources.num_cpus=-1 must be a number ≥ 0"),  # once: a silent hang
         (["backend.client_resources.num_gpus=-1"], "backend.client_resources.num_gpus=-1 must be a number ≥ 0"),
         (["~backend.client_resources.num_cpus"], "backend.client_resources.num_cpus=None must be > 0"),
-        (["+backend.client_resources.CPU=1"], "backend.client_resources.CPU is not a resource Ray reserves"),
+        (["+backend.client_resources.memory=1e15"], "backend.client_resources.memory is not a resource Ray reserves"),
         (["backend.client_resources=3"], "backend.client_resources=3 must be a mapping"),
         (["+backend.init_args.num_cpus=true"], "backend.init_args.num_cpus=True must be a whole number"),
         (["backend.address=true"], "backend.address=True must be auto"),
@@ -71,6 +71,7 @@ def test_bad_strategy_settings(overrides, key):
         (["+round=3"], "round is not a setting; did you mean rounds?"),
         (["rounds=${nope}"], "rounds: Interpolation key 'nope' not found"),
         (["data.fairness_attributes=abc"], "data.fairness_attributes='abc' must be a mapping"),
+        (["data.fairness_attributes.age=[65,50]"], "data.fairness_attributes.age=[65, 50] must be increasing bin edges"),  # once: a crash at evaluation
         (["+model.kwargs.foo=1"], "model.kwargs do not fit"),  # once: found only after the data was generated
         (["privacy=central", "privacy.client_target_epsilon=0.0001"], "privacy.client_target_epsilon=0.0001 cannot be reached"),
     ],
