@@ -368,7 +368,7 @@ def settings_from_config(cfg: DictConfig) -> RunSettings:
         if not isinstance(raw.get(group), dict):
             raise FedprivError(f"{group}={raw.get(group)!r} must be a group of settings: {group}=NAME or {group}.KEY=VALUE")
     data_source = raw["data"].get("source")
-    if data_source not in DATA_SETTINGS:
+    if not isinstance(data_source, str) or data_source not in DATA_SETTINGS:
         raise FedprivError(f"data.source={data_source!r} is unknown; choose one of {sorted(DATA_SETTINGS)}")
     settings = RunSettings(
         num_clients=_typed(raw, "num_clients", int),
@@ -598,7 +598,6 @@ def _validate_backend(b: BackendSettings) -> None:
             value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 0),
             f"backend.init_args.{key}={value!r} must be a whole number ≥ 0 (or null: what the machine has)",
         )
-    _require(b.address is None or (isinstance(b.address, str) and b.address), f"backend.address={b.address!r} must be auto, HOST:PORT or null")
 
 
 def _is_number(value: Any) -> bool:
@@ -732,6 +731,8 @@ def _build(kind: type, raw: dict, group: str) -> Any:
             raise FedprivError(f"{group}.{name}={value!r} must be a number")
         if expected.startswith("bool") and not isinstance(value, bool) and not (value is None and "None" in expected):
             raise FedprivError(f"{group}.{name}={value!r} must be true or false")
+        if expected.startswith("str") and not isinstance(value, str) and not (value is None and "None" in expected):
+            raise FedprivError(f"{group}.{name}={value!r} must be a string")
         if expected.startswith("int") and value is not None:  # also `int | None`
             if isinstance(value, bool) or not isinstance(value, int):
                 raise FedprivError(f"{group}.{name}={value!r} must be an integer")

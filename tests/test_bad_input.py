@@ -64,7 +64,7 @@ def test_bad_strategy_settings(overrides, key):
         (["+backend.client_resources.memory=1e15"], "backend.client_resources.memory is not a resource Ray reserves"),
         (["backend.client_resources=3"], "backend.client_resources=3 must be a mapping"),
         (["+backend.init_args.num_cpus=true"], "backend.init_args.num_cpus=True must be a whole number"),
-        (["backend.address=true"], "backend.address=True must be auto"),
+        (["backend.address=true"], "backend.address=True must be a string"),
         (["resume=true"], "resume=True must be a path"),  # once: TypeError in the CLI
         (["resume=[a]"], "resume=['a'] must be a path"),
         (["training=3"], "training=3 must be a group of settings"),
@@ -73,6 +73,7 @@ def test_bad_strategy_settings(overrides, key):
         (["data.fairness_attributes=abc"], "data.fairness_attributes='abc' must be a mapping"),
         (["data.fairness_attributes.age=[65,50]"], "data.fairness_attributes.age=[65, 50] must be increasing bin edges"),  # once: a crash at evaluation
         (["+model.kwargs.foo=1"], "model.kwargs do not fit"),  # once: found only after the data was generated
+        (["model.kwargs.num_heads=0"], "model.kwargs do not fit"),  # once: ZeroDivisionError
         (["privacy=central", "privacy.client_target_epsilon=0.0001"], "privacy.client_target_epsilon=0.0001 cannot be reached"),
     ],
 )

@@ -2,10 +2,10 @@
 
 A hospital writes this file (atomically, under an OS lock) after training and *before* its
 update leaves, so a crash, a timeout, a killed simulation or a second process training the
-same hospital never loses privacy it spent. A round run again
-after a resume is the same mechanism with the same randomness on the same inputs: if it
-releases bit-identical weights (same digest) it reveals nothing new and is recorded once;
-if the release differs in any bit, it is recorded as a further round of spending.
+same hospital never loses privacy it spent. A round run again after a resume is the same
+mechanism with the same randomness on the same inputs: if it releases bit-identical weights
+(same digest) it reveals nothing new and is recorded once; if the release differs in any
+bit, it is recorded as a further round of spending.
 """
 
 from __future__ import annotations
