@@ -231,7 +231,8 @@ def check_backend(backend: BackendSettings) -> None:
     known only once attached."""
     accepted = inspect.signature(ray.init).parameters
     init_args, resources = dict(backend.init_args), dict(backend.client_resources)
-    unknown = sorted(set(init_args) - set(accepted))
+    # ray.init takes its private `_name` arguments (e.g. _node_ip_address) through **kwargs
+    unknown = sorted(k for k in init_args if k not in accepted and not k.startswith("_"))
     if unknown:
         raise FedprivError(f"backend.init_args.{unknown[0]} is not an argument of ray.init; drop it")
     if backend.address or os.environ.get("RAY_ADDRESS"):
