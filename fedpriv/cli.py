@@ -28,7 +28,7 @@ def _simulate(argv: list[str]) -> int:
     from fedpriv import simulate
 
     sys.argv = ["fedpriv simulate", *argv]  # Hydra parses sys.argv itself
-    simulate.main()
+    simulate.cli()
     return 0
 
 

@@ -31,7 +31,7 @@ from fedpriv.privacy.hospital_state import (
     history_metrics,
     release_digest,
 )
-from fedpriv.privacy.plan import classifier_mechanism, gan_mechanism, synthetic_per_round
+from fedpriv.privacy.plan import classifier_mechanism, fits_budget, gan_mechanism, synthetic_per_round
 from fedpriv.schedule import StepPlan, follow_clip_schedule, follow_lr_schedule
 from fedpriv.settings import DataSettings, FaultSettings, PartitionSettings, RunSettings, TrainingSettings
 from fedpriv.synthetic.gan import balanced_labels, generate
@@ -122,10 +122,8 @@ class HospitalTrainer:
         images = generate(trained.generator, labels, seed + 2)
         released = {"images": torch.from_numpy(images), "labels": torch.from_numpy(labels)}
         released |= {f"generator.{k}": v for k, v in trained.generator.state_dict().items()}
-        path = self.state_path(hospital)
-        state = HospitalPrivacyState.load(path)
-        state.record(SpentRound(SYNTHETIC_ROUND, *mechanism.entry, release_digest(released)))
-        state.save(path)  # before the images leave
+        # recorded before the images leave
+        state = HospitalPrivacyState.record_at(self.state_path(hospital), SpentRound(SYNTHETIC_ROUND, *mechanism.entry, release_digest(released)))
         metrics = {
             "gan_seconds": trained.seconds,
             "gan_discriminator_loss": trained.discriminator_loss,
@@ -196,7 +194,7 @@ class HospitalTrainer:
         if state.noise_multiplier is None:  # calibrated once, for the whole planned run
             state.noise_multiplier = mechanism.noise_multiplier
         sigma, before = state.noise_multiplier, state.history
-        if epsilon_spent(state.private_history + [(sigma, sample_rate, steps)], p.delta) > p.budget:
+        if not fits_budget(before, (sigma, sample_rate, steps), p):
             # This hospital's budget would be exceeded: it does not train, and says why.
             unchanged = {k: v.detach().clone() for k, v in model.state_dict().items()}
             metrics = {"budget_exhausted": 1, "epsilon": epsilon_spent(before, p.delta), **history_metrics(state)}
@@ -218,8 +216,8 @@ class HospitalTrainer:
                 f"hospital {hospital}: Opacus accounted {accounted} steps ending {session.history[-1]}, "
                 f"expected {steps} at σ={sigma}, q={sample_rate}"
             )
-        state.record(SpentRound(server_round, sigma, sample_rate, steps, release_digest(released)))
-        state.save(path)  # before the update leaves: a crash from here on cannot lose this round
+        # before the update leaves: a crash from here on cannot lose this round
+        state = HospitalPrivacyState.record_at(path, SpentRound(server_round, sigma, sample_rate, steps, release_digest(released)), sigma)
         metrics = {
             "train_loss": loss,
             "epsilon": epsilon_spent(state.history, p.delta),

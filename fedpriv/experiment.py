@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from fedpriv.audit import audit_federation
@@ -20,7 +21,7 @@ from fedpriv.data.sources import load_splits
 from fedpriv.errors import FedprivError
 from fedpriv.metrics import parse_threshold
 from fedpriv.models import build_model
-from fedpriv.federation import build_client_app, build_server_app, run_federation
+from fedpriv.federation import build_client_app, build_server_app, check_backend, run_federation
 from fedpriv.outputs import RunDirectory
 from fedpriv.priors.start import starting_weights
 from fedpriv.privacy.accounting import epsilon_spent
@@ -53,47 +54,46 @@ def run_experiment(
     `on_partition` sees the partition table before training, `on_round` each metrics line.
     """
     started = time.perf_counter()
-    strategy = build_strategy(settings)
-    plan = prepare(settings)
-    splits, shards, table = plan.splits, plan.shards, plan.table
+    with RunDirectory(run_dir).exclusive() as run:  # one writer per run directory, to the end
+        checkpoint = resume_point(settings, run)
+        plan = prepare(settings)
+        splits, shards, table = plan.splits, plan.shards, plan.table
+        strategy = build_strategy(settings)
+        run.write_json("partition.json", table)
+        run.plot_partition(table)
+        on_partition(table)
+        if settings.resume is not None:  # drop lines the kill left without a checkpoint
+            run.rewrite_metrics(checkpoint.lines if checkpoint is not None else [])
+        if checkpoint is not None:
+            ledger = PrivacyLedger.from_dict(checkpoint.ledger)
+        else:
+            ledger = PrivacyLedger(delta=settings.privacy.delta if settings.privacy.delta is not None else 0.0)
+        trainer = HospitalTrainer(settings, str(run.path / HOSPITAL_STATE_DIR))
+        result: dict = {}
 
-    run = RunDirectory(run_dir)
-    checkpoint = resume_point(settings, run)
-    run.write_json("partition.json", table)
-    run.plot_partition(table)
-    on_partition(table)
-    if settings.resume is not None:  # drop lines the kill left without a checkpoint
-        run.rewrite_metrics(checkpoint.lines if checkpoint is not None else [])
-    if checkpoint is not None:
-        ledger = PrivacyLedger.from_dict(checkpoint.ledger)
-    else:
-        ledger = PrivacyLedger(delta=settings.privacy.delta if settings.privacy.delta is not None else 0.0)
-    trainer = HospitalTrainer(settings, str(run.path / HOSPITAL_STATE_DIR))
-    result: dict = {}
+        def server_main(federation) -> None:
+            result["lines"], result["weights"], result["final"] = run_rounds(federation, settings, splits, run, ledger, on_round, checkpoint)
 
-    def server_main(federation) -> None:
-        result["lines"], result["weights"], result["final"] = run_rounds(federation, settings, splits, run, ledger, on_round, checkpoint)
-
-    timeout = settings.faults.client_timeout
-    run_federation(
-        build_server_app(server_main, strategy, settings.num_clients, timeout, settings.privacy.central),
-        build_client_app(trainer, trainer.describe, trainer.synthesize),
-        settings.num_clients,
-        settings.backend,
-        settings.verbose,
-    )
-    if "lines" not in result:
-        raise FedprivError("the simulation stopped before all rounds finished; see the log above")
-    lines = result["lines"]
-    run.plot_rounds(lines)
-    run.plot_privacy_utility(lines)
-    intervals = final_intervals(settings, result["weights"], splits)
-    summary = make_summary(settings, lines, result["final"], ledger, table, intervals, time.perf_counter() - started, splits.skipped)
-    if settings.synthetic.enabled:
-        summary["synthetic"] = synthetic_summary(settings, run.path, splits, result["weights"])
-    if settings.audit.name == "mia":
-        summary["audit"] = run_audit(settings, result["weights"], splits, shards, summary["privacy"])
-    run.write_json("summary.json", summary)
+        timeout = settings.faults.client_timeout
+        run_federation(
+            build_server_app(server_main, strategy, settings.num_clients, timeout, settings.privacy.central),
+            build_client_app(trainer, trainer.describe, trainer.synthesize),
+            settings.num_clients,
+            settings.backend,
+            settings.verbose,
+        )
+        if "lines" not in result:
+            raise FedprivError("the simulation stopped before all rounds finished; see the log above")
+        lines = result["lines"]
+        run.plot_rounds(lines)
+        run.plot_privacy_utility(lines)
+        intervals = final_intervals(settings, result["weights"], splits)
+        summary = make_summary(settings, lines, result["final"], ledger, table, intervals, time.perf_counter() - started, splits.skipped)
+        if settings.synthetic.enabled:
+            summary["synthetic"] = synthetic_summary(settings, run.path, splits, result["weights"])
+        if settings.audit.name == "mia":
+            summary["audit"] = run_audit(settings, result["weights"], splits, shards, summary["privacy"])
+        run.write_json("summary.json", summary)
     return summary
 
 
@@ -110,14 +110,17 @@ class Plan:
 def prepare(settings: RunSettings) -> Plan:
     """Load and check the data, partition it and check the privacy plan; all the work before
     training, so that every bad setting or file stops here with one clear message."""
+    check_backend(settings.backend)
     splits = load_splits(settings.data, settings.seed)
     splits.check_disjoint_patients(f"data={settings.data.name}")
-    for name, _ in settings.data.fairness_attributes:
+    for name, edges in settings.data.fairness_attributes:
         if name not in splits.test.metadata:
             raise FedprivError(
                 f"data.fairness_attributes: {name!r} is not in the metadata of data={settings.data.name} "
                 f"(has: {sorted(splits.test.metadata)})"
             )
+        if edges and not np.issubdtype(splits.test.metadata[name].dtype, np.number):
+            raise FedprivError(f"data.fairness_attributes.{name}: bin edges for a column of categories; set it to []")
     check_model_fits_data(settings, splits.train.images[:1])
     if settings.synthetic.enabled and splits.train.images.ndim != 4:
         raise FedprivError(f"synthetic={settings.synthetic.name}: the GAN makes 2D images, but data={settings.data.name} holds volumes; use synthetic=none")

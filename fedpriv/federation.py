@@ -7,6 +7,7 @@ with the Ray backend.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import random
@@ -24,6 +25,7 @@ from flwr.serverapp.strategy import Strategy
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 from flwr.server.superlink.fleet.vce import vce_api
 from flwr.simulation import run_simulation
+from ray._private.utils import get_num_cpus  # what a local Ray instance counts (no public API before ray.init)
 
 from fedpriv.errors import FedprivError
 from fedpriv.settings import BackendSettings
@@ -221,6 +223,30 @@ def build_server_app(
         main(Federation(grid, strategy, num_hospitals, timeout, all_or_nothing))
 
     return app
+
+
+def check_backend(backend: BackendSettings) -> None:
+    """Refuse what would leave the simulation waiting forever for hospitals that never start:
+    a `ray.init` argument Ray does not take, or client resources that no node of a local Ray
+    instance can host (Flower's actor pool would be empty). An attached cluster's nodes are
+    known only once attached."""
+    accepted = inspect.signature(ray.init).parameters
+    init_args, resources = dict(backend.init_args), dict(backend.client_resources)
+    # ray.init takes its private `_name` arguments (e.g. _node_ip_address) through **kwargs
+    unknown = sorted(k for k in init_args if k not in accepted and not k.startswith("_"))
+    if unknown:
+        raise FedprivError(f"backend.init_args.{unknown[0]} is not an argument of ray.init; drop it")
+    if backend.address or os.environ.get("RAY_ADDRESS"):
+        return
+    # what a local instance gets: ray.init's arguments, else Ray's own count (cgroup limits included)
+    machine = {"num_cpus": get_num_cpus(), "num_gpus": torch.cuda.device_count()}
+    for key, detected in machine.items():
+        have = init_args.get(key) if init_args.get(key) is not None else detected
+        if resources.get(key, 0) > have:
+            raise FedprivError(
+                f"backend.client_resources.{key}={resources[key]:g} is more than the {have:g} of the local Ray "
+                f"instance, so no hospital could start; lower it (or raise backend.init_args.{key})"
+            )
 
 
 def run_federation(

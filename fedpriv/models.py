@@ -151,7 +151,7 @@ def build_model(settings: ModelSettings, image_size: int, in_chans: int = 1, pre
             model = create_model(settings.name, num_classes=1, in_chans=in_chans, img_size=image_size, **kwargs)
         except TypeError:  # timm models without an img_size argument (CNNs)
             model = create_model(settings.name, num_classes=1, in_chans=in_chans, **kwargs)
-    except (TypeError, ValueError, RuntimeError, AssertionError) as error:  # e.g. mlp_ratio='' or -1
+    except Exception as error:  # whatever timm raises for these kwargs (e.g. mlp_ratio='' or -1, num_heads=0)
         first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise FedprivError(f"model.kwargs do not fit model.name={settings.name!r}: {first_line}") from None
     return make_opacus_compatible(model)

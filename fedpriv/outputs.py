@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -12,6 +15,11 @@ import numpy as np
 
 if TYPE_CHECKING:
     import torch
+
+from fedpriv.errors import FedprivError
+
+#: The file whose OS lock marks the one process writing a run directory (it holds its pid).
+LOCK_FILE = "run.lock"
 
 
 def json_safe(value):
@@ -89,6 +97,26 @@ class RunDirectory:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
+
+    @contextmanager
+    def exclusive(self) -> Iterator[RunDirectory]:
+        """Hold the directory for this process: an OS lock (flock) that the OS drops when the
+        process ends, however it ends, so a killed run can be resumed at once. A second
+        writer would duplicate rounds and privacy spending: it is refused, naming the holder."""
+        with open(self.path / LOCK_FILE, "a+") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.seek(0)
+                holder = handle.read().strip() or "unknown"
+                raise FedprivError(
+                    f"{self.path} is being written by another fedpriv run (pid {holder}); "
+                    "wait for it to end, or use another directory"
+                ) from None
+            handle.truncate(0)
+            handle.write(f"{os.getpid()}\n")
+            handle.flush()
+            yield self
 
     def write_json(self, name: str, payload) -> Path:
         return write_json(self.path / name, payload)

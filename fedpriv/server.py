@@ -22,8 +22,10 @@ from fedpriv.federation import Federation
 from fedpriv.metrics import auroc, binary_metrics, bootstrap_interval, choose_threshold, fairness_report, subgroup_labels
 from fedpriv.models import build_model
 from fedpriv.outputs import RunDirectory, describe_round
-from fedpriv.privacy.hospital_state import history_from_metrics
 from fedpriv.priors.start import starting_weights
+from fedpriv.privacy.accounting import epsilon_spent
+from fedpriv.privacy.hospital_state import history_from_metrics
+from fedpriv.privacy.plan import classifier_mechanism, fits_budget
 from fedpriv.privacy.ledger import PrivacyLedger
 from fedpriv.settings import RunSettings
 from fedpriv.training import predict
@@ -142,7 +144,9 @@ def run_rounds(
         resume_from.restore_rngs()
     else:
         ledger.public = public_steps  # how the run started: steps that touched no private record (ε = 0)
-    hospitals = _sync_ledger(ledger, settings, federation.describe_hospitals())
+    facts = federation.describe_hospitals()
+    hospitals = _sync_ledger(ledger, settings, facts)
+    unconfirmed: dict[int, int] = {}  # hospital → rounds it failed in since its record was last read
     if settings.synthetic.enabled:
         weights = _use_synthetic(federation, settings, run, ledger, weights, first_round)
     central_sigma = central_noise_multiplier(settings) if settings.privacy.central else None
@@ -156,6 +160,10 @@ def run_rounds(
             log.warning("round %d: hospital %s declined: its privacy budget would be exceeded", server_round, hospital)
         if settings.privacy.local:  # spent by every hospital that trained, released or not
             _sync_ledger(ledger, settings, {**outcome.trained, **outcome.exhausted})
+            for hospital in [*outcome.trained, *outcome.exhausted]:  # their replies carried their whole record
+                unconfirmed.pop(hospital, None)
+            for hospital in outcome.failed:
+                unconfirmed[hospital] = unconfirmed.get(hospital, 0) + 1
         if outcome.exhausted and not outcome.trained and not outcome.failed:
             if not lines:
                 raise FedprivError(
@@ -183,7 +191,7 @@ def run_rounds(
         else:
             log.warning("round %d: not every sampled hospital replied; under client-level DP (privacy=central) the round is not released", server_round)
         train_seconds = time.perf_counter() - started
-        epsilons = {str(h): ledger.epsilon(h) for h in hospitals} if settings.privacy.local else None
+        epsilons = _epsilons(ledger, settings, hospitals, unconfirmed, facts) if settings.privacy.local else None
         current = _final(weights, average)
         line = {
             "round": server_round,
@@ -191,6 +199,7 @@ def run_rounds(
             "train_loss": _weighted_mean(outcome.trained, "train_loss"),
             "epsilon": epsilons,
             "max_epsilon": max(epsilons.values()) if epsilons else None,
+            "epsilon_unconfirmed": sorted(unconfirmed),
             "client_epsilon": ledger.client_level_epsilon() if settings.privacy.central else None,
             "released": released,
             "hospitals_trained": sorted(outcome.trained),
@@ -266,6 +275,22 @@ def _sync_ledger(ledger: PrivacyLedger, settings: RunSettings, reports: dict[int
                     f"{ledger.epsilon(hospital):.6f}; do not trust this run"
                 )
     return sorted(reports)
+
+
+def _epsilons(ledger: PrivacyLedger, settings: RunSettings, hospitals: list[int], unconfirmed: dict[int, int], facts: dict) -> dict[str, float]:
+    """Each hospital's ε so far. A hospital that failed since its record was last read may
+    have trained before failing: each such round counts as the session its plan has it run
+    (within its budget), so that no line shows less than was spent; the line lists these
+    hospitals under `epsilon_unconfirmed` until their record is read."""
+    epsilons = {str(h): ledger.epsilon(h) for h in hospitals}
+    for hospital, rounds in unconfirmed.items():
+        history = ledger.history(hospital)
+        session = classifier_mechanism(settings, facts[hospital]["num_examples"]).entry
+        for _ in range(rounds):
+            if fits_budget(history, session, settings.privacy):
+                history.append(session)
+        epsilons[str(hospital)] = epsilon_spent(history, settings.privacy.delta)
+    return epsilons
 
 
 def _failed_hospitals(lines: list[dict]) -> set[int]:

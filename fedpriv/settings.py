@@ -7,6 +7,7 @@ and gives them types, so a bad value stops the run before any work with one clea
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import logging
 import math
 from dataclasses import dataclass
@@ -14,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import MissingMandatoryValue
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException
 
 from fedpriv.errors import FedprivError
 from fedpriv.metrics import THRESHOLD_RULES, parse_threshold
@@ -55,7 +56,8 @@ class FileDataSettings(BaseDataSettings):
     """Options of every source that reads files: the intensity `window` [center, width] in
     the files' units (null = the DICOM window, else the 0.5–99.5 percentile range),
     `volume_fit` (resample | crop) for 3D files, and `skip_unreadable` (false: the first bad
-    file stops the run; true: bad items are left out, counted and listed in the summary)."""
+    or repeated file stops the run; true: such items are left out, counted and listed in the
+    summary)."""
 
     window: tuple[float, ...] | None = None
     volume_fit: str = "resample"
@@ -90,11 +92,14 @@ class ManifestDataSettings(FileDataSettings):
 
 @dataclass(frozen=True, kw_only=True)
 class NpzDataSettings(BaseDataSettings):
-    """`source: npz`: a MedMNIST-format .npz file given by `path`."""
+    """`source: npz`: a MedMNIST-format .npz file given by `path`; `skip_unreadable` (true:
+    repeated images are left out, counted and listed in the summary; false: the first stops
+    the run)."""
 
     path: str
     labels: tuple[tuple[str, int], ...]
     volume_fit: str = "resample"
+    skip_unreadable: bool = False
 
 
 DataSettings = PhantomDataSettings | FolderDataSettings | ManifestDataSettings | NpzDataSettings
@@ -356,6 +361,37 @@ OPTIMIZERS = ("sgd", "adamw")
 LR_SCHEDULES = ("constant", "cosine")
 
 
+#: The groups of settings: each a mapping in the config (`group.key=value`).
+GROUPS = ("data", "model", "privacy", "partition", "strategy", "training", "evaluation", "audit", "synthetic", "faults", "backend")
+
+
+def config_error(error: Exception) -> FedprivError:
+    """Hydra's or OmegaConf's error (an unknown option, a misspelt key, override syntax, a
+    broken interpolation) as one line that names what to change."""
+    from hydra.errors import MissingConfigException, OverrideParseException
+
+    first = (str(error).strip() or type(error).__name__).splitlines()[0]
+    if isinstance(error, MissingConfigException) and error.options:
+        group, _, name = error.missing_cfg_file.rpartition("/")
+        return FedprivError(f"{group}={name} is not an option of {group}; choose one of {', '.join(error.options)}")
+    if isinstance(error, OverrideParseException):
+        return FedprivError(f"{error.override!r} is not a valid override ({first}); write KEY=VALUE")
+    cause = error.__cause__ if isinstance(error.__cause__, OmegaConfBaseException) else error
+    key = getattr(cause, "full_key", None)
+    if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and key and cause.parent_node is not None:
+        return unknown_key(key, list(cause.parent_node.keys()))
+    detail = (getattr(cause, "msg", None) or first).splitlines()[0]
+    return FedprivError(f"{key}: {detail}" if key else detail)
+
+
+def unknown_key(key: str, known: list) -> FedprivError:
+    """`key` (dotted) is not among `known`, the keys of its group: name the closest one."""
+    group, _, name = key.rpartition(".")
+    close = difflib.get_close_matches(name, [str(k) for k in known], n=1)
+    hint = f"did you mean {group + '.' if group else ''}{close[0]}?" if close else f"known keys: {sorted(map(str, known))}"
+    return FedprivError(f"{key} is not a setting{' of ' + group if group else ''}; {hint}")
+
+
 def settings_from_config(cfg: DictConfig) -> RunSettings:
     """Resolve, type and validate the composed config; raise FedprivError naming the key."""
     try:
@@ -363,8 +399,17 @@ def settings_from_config(cfg: DictConfig) -> RunSettings:
     except MissingMandatoryValue as error:
         key = error.full_key or "a required setting"
         raise FedprivError(f"{key} is not set: add {key}=... to the command line") from None
+    except OmegaConfBaseException as error:  # e.g. an interpolation to a key that does not exist
+        raise config_error(error) from None
+    known = [f.name for f in dataclasses.fields(RunSettings)]
+    unknown = sorted(set(raw) - set(known))
+    if unknown:
+        raise unknown_key(unknown[0], known)
+    for group in GROUPS:
+        if not isinstance(raw.get(group), dict):
+            raise FedprivError(f"{group}={raw.get(group)!r} must be a group of settings: {group}=NAME or {group}.KEY=VALUE")
     data_source = raw["data"].get("source")
-    if data_source not in DATA_SETTINGS:
+    if not isinstance(data_source, str) or data_source not in DATA_SETTINGS:
         raise FedprivError(f"data.source={data_source!r} is unknown; choose one of {sorted(DATA_SETTINGS)}")
     settings = RunSettings(
         num_clients=_typed(raw, "num_clients", int),
@@ -497,11 +542,6 @@ def validate(s: RunSettings) -> None:
     if st.name in ("fedadam", "fedyogi"):
         _require(st.server_lr is not None and st.server_lr > 0, f"strategy.server_lr={st.server_lr} must be > 0")
         _require(st.tau is not None and st.tau > 0, f"strategy.tau={st.tau} must be > 0")
-    from timm import is_model
-
-    import fedpriv.models  # noqa: F401  (registers fedpriv's models in timm)
-
-    _require(is_model(s.model.name), f"model.name={s.model.name!r} is not in timm's registry; see configs/model/")
     _require(s.audit.name in AUDITS, f"audit={s.audit.name!r} is unknown; choose one of {AUDITS}")
     if s.audit.name == "mia":
         c = s.audit.confidence
@@ -514,6 +554,7 @@ def validate(s: RunSettings) -> None:
     for key, rate in (("client_failure_rate", f.client_failure_rate), ("client_hang_rate", f.client_hang_rate)):
         _require(0 <= rate <= 1, f"faults.{key}={rate} must be a probability in [0, 1]")
     _require(f.client_failure_rate + f.client_hang_rate <= 1, "faults.client_failure_rate + faults.client_hang_rate must be at most 1")
+    _validate_backend(s.backend)
     _require(s.evaluation.bootstrap >= 0, f"evaluation.bootstrap={s.evaluation.bootstrap} must be >= 0")
     _require(
         s.evaluation.max_hospital_subgroups >= 0,
@@ -529,6 +570,11 @@ def validate(s: RunSettings) -> None:
     _require(s.evaluation.select in SELECTIONS, f"evaluation.select={s.evaluation.select!r} must be one of {', '.join(SELECTIONS)}")
     _require(16 <= s.data.image_size <= 1024, f"data.image_size={s.data.image_size} must be between 16 and 1024")
     d = s.data
+    for name, edges in d.fairness_attributes:
+        _require(
+            isinstance(edges, tuple) and all(_is_number(e) and math.isfinite(e) for e in edges) and list(edges) == sorted(set(edges)),
+            f"data.fairness_attributes.{name}={list(edges) if isinstance(edges, tuple) else edges!r} must be increasing bin edges, e.g. [50, 65] ([] = categories)",
+        )
     if isinstance(d, PhantomDataSettings):
         dims = 3 if d.source == "phantom_ct" else 2
         need = d.num_patients * d.images_per_patient * d.image_size**dims * 4 * GENERATOR_COPIES
@@ -551,7 +597,7 @@ def validate(s: RunSettings) -> None:
         _require(d.volume_fit in VOLUME_FITS, f"data.volume_fit={d.volume_fit!r} must be one of {VOLUME_FITS}")
     if isinstance(d, FileDataSettings) and d.window is not None:
         _require(
-            len(d.window) == 2 and d.window[1] > 0,
+            len(d.window) == 2 and all(_is_number(v) for v in d.window) and d.window[1] > 0,
             f"data.window={list(d.window)} must be [center, width] with width > 0 (or null)",
         )
     if isinstance(d, FileDataSettings):
@@ -570,6 +616,58 @@ def validate(s: RunSettings) -> None:
     if isinstance(d, ManifestDataSettings):
         missing = [k for k in ("path", "label", "patient_id") if k not in dict(d.columns)]
         _require(not missing, f"data.columns.{missing[0] if missing else ''} is not set; map it to a CSV column")
+    # last: the checks below import torch, timm and Opacus (seconds); those above take none
+    _check_model_builds(s)
+    if p.central:  # needs no data: refused here rather than when the server starts
+        from fedpriv.privacy.plan import central_noise_multiplier
+
+        central_noise_multiplier(s)
+
+
+#: What Ray reserves per hospital: the resources Flower sizes its actor pool by (others, e.g.
+#: memory, could leave every actor unschedulable and the simulation waiting).
+RAY_RESOURCES = ("num_cpus", "num_gpus")
+
+
+def _validate_backend(b: BackendSettings) -> None:
+    """Resources Flower's actor pool cannot use would leave the simulation waiting forever for
+    hospitals that never start (num_cpus=0 divides by zero inside Flower, negatives hang)."""
+    resources = dict(b.client_resources)
+    for key, value in resources.items():
+        _require(key in RAY_RESOURCES, f"backend.client_resources.{key} is not a resource Ray reserves per hospital; use {', '.join(RAY_RESOURCES)}")
+        _require(
+            _is_number(value) and math.isfinite(value) and value >= 0,
+            f"backend.client_resources.{key}={value!r} must be a number ≥ 0",
+        )
+    cpus = resources.get("num_cpus")
+    _require(cpus is not None and cpus > 0, f"backend.client_resources.num_cpus={cpus!r} must be > 0: the CPU cores each hospital uses (e.g. 1 or 0.5)")
+    for key in ("num_cpus", "num_gpus"):
+        value = dict(b.init_args).get(key)
+        _require(
+            value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 0),
+            f"backend.init_args.{key}={value!r} must be a whole number ≥ 0 (or null: what the machine has)",
+        )
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_model_builds(s: RunSettings) -> None:
+    """A model.name timm does not know, or model.kwargs it does not take, stop here before any
+    data is read: the model is built on the meta device (no memory, milliseconds), or on the CPU when an
+    operation has no meta version (which then decides)."""
+    import torch
+    from timm import is_model
+
+    from fedpriv.models import build_model  # also registers fedpriv's models in timm
+
+    _require(is_model(s.model.name), f"model.name={s.model.name!r} is not in timm's registry; see configs/model/")
+    try:
+        with torch.device("meta"):
+            build_model(s.model, s.data.image_size)
+    except FedprivError:
+        build_model(s.model, s.data.image_size)
 
 
 PRIOR_NAMES = ("none", "phantom", "random_process")
@@ -706,7 +804,7 @@ def _flag(raw: dict, key: str) -> bool:
 
 def _optional_str(raw: dict, key: str) -> str | None:
     value = raw.get(key)
-    if value is not None and not isinstance(value, str):
+    if value is not None and (not isinstance(value, str) or not value):
         raise FedprivError(f"{key}={value!r} must be a path (or null)")
     return value
 
@@ -725,7 +823,7 @@ def _build(kind: type, raw: dict, group: str) -> Any:
     names = {f.name: f for f in dataclasses.fields(kind)}
     unknown = sorted(set(raw) - set(names))
     if unknown:
-        raise FedprivError(f"{group}.{unknown[0]} is not a setting of {group}; known keys: {sorted(names)}")
+        raise unknown_key(f"{group}.{unknown[0]}", list(names))
     required = [n for n, f in names.items() if f.default is dataclasses.MISSING and n not in raw]
     if required:
         raise FedprivError(f"{group}.{required[0]} is missing from the config; add {group}.{required[0]}=...")
@@ -736,9 +834,15 @@ def _build(kind: type, raw: dict, group: str) -> Any:
             raise FedprivError(f"{group}.{name}={value!r} must be a number")
         if expected.startswith("bool") and not isinstance(value, bool) and not (value is None and "None" in expected):
             raise FedprivError(f"{group}.{name}={value!r} must be true or false")
+        if expected.startswith("str") and not isinstance(value, str) and not (value is None and "None" in expected):
+            raise FedprivError(f"{group}.{name}={value!r} must be a string")
         if expected.startswith("int") and value is not None:  # also `int | None`
             if isinstance(value, bool) or not isinstance(value, int):
                 raise FedprivError(f"{group}.{name}={value!r} must be an integer")
+        if expected.startswith("tuple[tuple[") and not isinstance(value, dict):
+            raise FedprivError(f"{group}.{name}={value!r} must be a mapping: {group}.{name}.KEY=VALUE")
+        if expected.startswith("tuple[") and not expected.startswith("tuple[tuple[") and value is not None and not isinstance(value, list):
+            raise FedprivError(f"{group}.{name}={value!r} must be a list, e.g. {group}.{name}=[a,b]")
         if expected.startswith("float") and value is not None:
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise FedprivError(f"{group}.{name}={value!r} must be a number")

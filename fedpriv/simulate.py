@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -118,21 +121,27 @@ def _grouped_hospitals(hospitals: dict[str, dict]) -> list[tuple[str, str]]:
     return [(f"hospital {names[0]}" if len(names) == 1 else f"hospitals {names[0]}–{names[-1]}", cells) for names, cells in rows]
 
 
-def resumed_config(cfg: DictConfig) -> DictConfig:
+def resumed_config(cfg: DictConfig, overrides: list[str]) -> DictConfig:
     """`resume=DIR` continues that run with its own config (DIR/.hydra/config.yaml)."""
     from omegaconf import OmegaConf
 
-    from fedpriv.errors import FedprivError
-
+    if not isinstance(cfg.resume, str) or not cfg.resume:
+        raise FedprivError(f"resume={cfg.resume!r} must be the run directory to continue: resume=PATH")
     saved = Path(cfg.resume) / ".hydra" / "config.yaml"
     if not saved.is_file():
         raise FedprivError(f"resume={cfg.resume}: no run config at {saved}; point resume at a run directory")
-    others = [o for o in HydraConfig.get().overrides.task if not o.startswith(("resume=", "hydra."))]
+    others = [o for o in overrides if not o.startswith(("resume=", "hydra."))]
     if others:
         raise FedprivError(f"resume continues a run with its own config; drop the other overrides ({others[0]})")
     original = OmegaConf.load(saved)
     original.resume = cfg.resume
     return original
+
+
+def fail(error: Exception) -> NoReturn:
+    """One line on stderr, never wrapped (it may be piped), and exit status 2."""
+    console.print(f"[bold red]fedpriv:[/] {escape(str(error))}", soft_wrap=True)
+    sys.exit(2)
 
 
 # an absolute path: Hydra would read a relative one as a Python package when main() is called
@@ -144,17 +153,18 @@ def main(cfg: DictConfig) -> None:
     from fedpriv import run_log
 
     run_log.configure(console, verbose=bool(cfg.get("verbose", False)))
-    from fedpriv.experiment import run_experiment
-    from fedpriv.outputs import describe_round
     from fedpriv.settings import settings_from_config
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
-        if cfg.get("resume"):
-            cfg, run_dir = resumed_config(cfg), Path(cfg.resume)
+        if cfg.get("resume") is not None:
+            cfg, run_dir = resumed_config(cfg, HydraConfig.get().overrides.task), Path(cfg.resume)
             run_log.log_also_to(run_dir / "simulate.log")
         log.info("run directory %s; config:\n%s", run_dir, OmegaConf.to_yaml(cfg).rstrip())
-        settings = settings_from_config(cfg)
+        settings = settings_from_config(cfg)  # before the heavy imports: a bad setting stops in a second
+        from fedpriv.experiment import run_experiment
+        from fedpriv.outputs import describe_round
+
         with Progress(
             TextColumn("[bold]round {task.completed}/{task.total}"),
             BarColumn(),
@@ -174,10 +184,24 @@ def main(cfg: DictConfig) -> None:
             summary = run_experiment(settings, run_dir, on_round, on_partition)
     except FedprivError as error:
         log.error("%s", error, extra={"console": False})
-        console.print(f"[bold red]fedpriv:[/] {error}")
-        sys.exit(2)
+        fail(error)
     run_log.show(Console(), summary_table(summary, run_dir), "summary")
 
 
+def cli() -> None:
+    """The command. Hydra's own errors (an unknown option, a misspelt key, override syntax)
+    stop it like fedpriv's: one line naming the key and exit status 2, not Hydra's report."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from fedpriv.settings import config_error
+
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises them to us instead of printing its report
+    try:
+        main()
+    except (HydraException, OmegaConfBaseException) as error:
+        fail(config_error(error))
+
+
 if __name__ == "__main__":
-    main()
+    cli()

@@ -18,7 +18,7 @@ from flwr.serverapp.strategy import (
 )
 
 from fedpriv.errors import FedprivError
-from fedpriv.privacy.accounting import calibrate_noise_multiplier
+from fedpriv.privacy.plan import central_noise_multiplier
 from fedpriv.settings import RunSettings, StrategySettings
 
 #: Metric every hospital reports as 1: the aggregation weight under client-level DP (privacy=central), where a
@@ -73,15 +73,6 @@ def fedyogi(settings: StrategySettings, sampling: dict) -> Strategy:
 
 
 STRATEGIES = {"fedavg": fedavg, "fedprox": fedprox, "fedadam": fedadam, "fedyogi": fedyogi}
-
-
-def central_noise_multiplier(settings: RunSettings) -> float:
-    """σ of client-level DP-FedAvg, calibrated so the planned rounds land on
-    privacy.client_target_epsilon. Accounted without amplification by client sampling
-    (q = 1): Flower samples a fixed number of hospitals, for which Poisson-subsampling
-    amplification does not hold, so this is an honest upper bound."""
-    p = settings.privacy
-    return calibrate_noise_multiplier(p.client_target_epsilon, p.delta, 1.0, settings.rounds)
 
 
 def build_strategy(settings: RunSettings) -> Strategy:

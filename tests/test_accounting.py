@@ -1,5 +1,7 @@
 """σ calibration, cumulative ε, and agreement with Google's dp-accounting."""
 
+import multiprocessing
+
 import dp_accounting
 import numpy as np
 import pytest
@@ -11,6 +13,7 @@ from opacus.accountants.utils import get_noise_multiplier
 from fedpriv.errors import FedprivError
 from fedpriv.privacy import accounting
 from fedpriv.privacy.accounting import calibrate_noise_multiplier, epsilon_spent, poisson_plan
+from fedpriv.privacy.hospital_state import HospitalPrivacyState, SpentRound
 from fedpriv.privacy.ledger import PrivacyLedger
 
 
@@ -114,6 +117,29 @@ def test_ledger_refuses_a_hospital_record_that_forgot_a_session():
         ledger.sync_hospital(0, [(1, 1.0, 0.25, 8)])  # a reset accountant, a lost state file
     with pytest.raises(FedprivError, match="round 1"):
         ledger.sync_hospital(0, [(1, 2.0, 0.25, 8), (2, 1.0, 0.25, 8)])  # history rewritten
+
+
+def _release_round_4(path, writer):
+    for n in range(25):  # each a different release of round 4, as two processes training it would make
+        HospitalPrivacyState.record_at(path, SpentRound(4, 1.0, 0.25, 8, f"{writer}-{n}"), 1.0)
+
+
+def test_two_processes_recording_one_hospital_keep_every_release(tmp_path):
+    """Two different releases of one round are two sessions, however the writers interleave
+    (once: each read the record, added its own and wrote it back, losing the other's)."""
+    path = tmp_path / "hospital_0.json"
+    writers = [multiprocessing.get_context("fork").Process(target=_release_round_4, args=(path, w)) for w in "ab"]
+    for writer in writers:
+        writer.start()
+    for writer in writers:
+        writer.join()
+    spent = HospitalPrivacyState.load(path).spent
+    assert sorted(s.release_digest for s in spent) == sorted(f"{w}-{n}" for w in "ab" for n in range(25))
+    ledger = PrivacyLedger(delta=1e-5)
+    ledger.sync_hospital(0, [(s.round, s.noise_multiplier, s.sample_rate, s.steps) for s in spent])
+    assert ledger.epsilon(0) == pytest.approx(epsilon_spent([(1.0, 0.25, 8 * 50)], 1e-5))
+    with pytest.raises(FedprivError, match="round 4 that the ledger holds"):  # one release forgotten
+        ledger.sync_hospital(0, [(4, 1.0, 0.25, 8)] * 49)
 
 
 @pytest.mark.parametrize("target, rounds", [(1.0, 10), (8.0, 5), (3.0, 50)])

@@ -1,6 +1,6 @@
 """Random and extreme configs and malformed files at the entry points: a clean result or one
-clear error (FedprivError, or Hydra's own override error), never another exception, a
-traceback, a hang, or a run directory that looks complete."""
+clear one-line error (FedprivError, or Hydra's own error as the CLI words it), never another
+exception, a traceback, a hang, or a run directory that looks complete."""
 
 import math
 import subprocess
@@ -17,7 +17,7 @@ from conftest import ROOT, compose_config
 from fedpriv.data.readers import ReadOptions, read_file
 from fedpriv.errors import FedprivError
 from fedpriv.experiment import prepare
-from fedpriv.settings import settings_from_config
+from fedpriv.settings import config_error, settings_from_config
 
 GROUPS = {
     "data": ["phantom_mammo", "phantom_ct", "cbis_ddsm", "manifest", "breastmnist", "image_folder"],
@@ -32,18 +32,19 @@ SMALL = ["data.num_patients=40", "data.image_size=16"]
 
 
 def _leaf_keys() -> list[str]:
-    config = OmegaConf.to_container(compose_config([]), resolve=False)
-    keys = []
+    """Every setting of the default config and of each data source (paths among them)."""
+    keys = set()
 
     def walk(node, prefix):
         for key, value in node.items():
             if isinstance(value, dict) and value:
                 walk(value, f"{prefix}{key}.")
             else:
-                keys.append(f"{prefix}{key}")
+                keys.add(f"{prefix}{key}")
 
-    walk(config, "")
-    return [k for k in keys if not k.startswith("hydra")]
+    for data in GROUPS["data"]:
+        walk(OmegaConf.to_container(compose_config([f"data={data}"]), resolve=False), "")
+    return sorted(k for k in keys if not k.startswith("hydra"))
 
 
 KEYS = _leaf_keys()
@@ -60,38 +61,46 @@ def _literal(value) -> str:
         return f"'{value}'"
     if value is None:
         return "null"
+    if isinstance(value, list):
+        return "[" + ",".join(_literal(v) for v in value) + "]"
     return repr(value)
 
 
-VALUES = st.one_of(
+SCALARS = st.one_of(
     st.integers(-(10**12), 10**12),
     st.sampled_from([0, 1, -1, 2, 3, 100]),
     st.floats(allow_nan=True, allow_infinity=True),
     st.sampled_from([0.0, 1e-12, 0.5, 1.0, 1e9]),
     st.text("abcxyz_09", max_size=6),
+    st.sampled_from(["/nonexistent/x", ".", "/", "~"]),  # paths where numbers (or other paths) are expected
     st.booleans(),
     st.none(),
 )
+VALUES = st.one_of(SCALARS, st.lists(SCALARS, max_size=3))  # lists where scalars or paths are expected
+#: What a user may ask Ray to reserve per hospital, right or wrong (Flower hands them to Ray).
+RESOURCES = ["num_cpus", "num_gpus", "memory", "CPU", "GPU", "resources", "foo"]
 OVERRIDES = st.lists(
     st.one_of(
         st.tuples(st.sampled_from(KEYS), VALUES).map(lambda kv: f"{kv[0]}={_literal(kv[1])}"),
         st.sampled_from(list(GROUPS)).flatmap(lambda g: st.sampled_from(GROUPS[g]).map(lambda o: f"{g}={o}")),
+        st.tuples(st.sampled_from(["backend.client_resources", "backend.init_args"]), st.sampled_from(RESOURCES), VALUES)
+        .map(lambda kv: f"++{kv[0]}.{kv[1]}={_literal(kv[2])}"),
     ),
     max_size=4,
 )
 
 
 def _settings_or_clear_error(overrides):
-    """Compose and validate; return settings, or None after one of the clear errors."""
+    """Compose and validate; return settings, or None after one clear error: one line, as the
+    CLI prints it (Hydra's own errors included)."""
     try:
-        config = compose_config(overrides)
-    except (HydraException, OmegaConfBaseException):
-        return None  # Hydra's own message naming the override (the CLI prints it, no traceback)
-    try:
-        return settings_from_config(config)
+        return settings_from_config(compose_config(overrides))
+    except (HydraException, OmegaConfBaseException) as error:
+        message = str(config_error(error))
     except FedprivError as error:
-        assert str(error) and "\n" not in str(error).strip()
-        return None
+        message = str(error)
+    assert message and "\n" not in message.strip()
+    return None
 
 
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])

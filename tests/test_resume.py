@@ -23,10 +23,10 @@ def _env():
     return {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
 
 
-def _simulate(args, **kwargs):
+def _simulate(args, stderr=subprocess.PIPE):
     return subprocess.Popen(
         [sys.executable, "-m", "fedpriv.simulate", *args], cwd=ROOT, env=_env(), start_new_session=True,
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, **kwargs,
+        stdout=subprocess.DEVNULL, stderr=stderr, text=True,
     )
 
 
@@ -45,40 +45,85 @@ def uninterrupted(sampled_local_central_run):
     return sampled_local_central_run[0]
 
 
-KILL_POINTS = [(0, 3.0), (1, 0.8), (1, 2.5), (2, 0.0), (2, 1.2)]  # (rounds logged, then seconds)
+#: (rounds logged, then seconds); the default suite kills right after round 1's line in
+#: test_one_process_writes_a_run_directory_at_a_time.
+KILL_POINTS = [(1, 0.0), (0, 3.0), (1, 0.8), (1, 2.5), (2, 0.0), (2, 1.2)]
 
 
-@pytest.mark.parametrize(
-    "after_lines, delay", [(1, 0.0), *(pytest.param(*point, marks=pytest.mark.slow) for point in KILL_POINTS)]
-)
-def test_sigkill_at_any_moment_then_resume_gives_the_uninterrupted_result(tmp_path, uninterrupted, after_lines, delay):
-    run_dir = tmp_path / "run"
+def _start_and_wait_for(run_dir, lines):
     proc = _simulate([*RUN, f"hydra.run.dir={run_dir}"])
     deadline = time.time() + 600
-    while len(_lines(run_dir)) < after_lines and time.time() < deadline and proc.poll() is None:
+    while len(_lines(run_dir)) < lines and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
+    return proc
+
+
+def _spent(run_dir):
+    return {p.name: json.loads(p.read_text())["spent"] for p in (run_dir / "hospitals").glob("*.json")}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("after_lines, delay", KILL_POINTS)
+def test_sigkill_at_any_moment_then_resume_gives_the_uninterrupted_result(tmp_path, uninterrupted, after_lines, delay):
+    run_dir = tmp_path / "run"
+    proc = _start_and_wait_for(run_dir, after_lines)
     time.sleep(delay)  # 0: right after a round's line (checkpoint may lag); >0: mid-round
     os.killpg(proc.pid, signal.SIGKILL)  # the driver, its Ray processes, everything
     proc.wait()
     assert not (run_dir / "summary.json").exists(), "killed too late to test anything"
     killed_at = len(_lines(run_dir))
-    spent_before = {p.name: json.loads(p.read_text())["spent"] for p in (run_dir / "hospitals").glob("*.json")}
+    spent_before = _spent(run_dir)
 
     resumed = _simulate([f"resume={run_dir}"])
     assert resumed.wait(timeout=600) == 0, resumed.stderr.read()[-3000:]
-
-    whole = json.loads((uninterrupted / "summary.json").read_text())
-    summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["test"] == whole["test"] and summary["test_ci95"] == whole["test_ci95"]
-    assert summary["privacy"] == whole["privacy"]  # the same ε, record- and client-level
-    assert _comparable(_lines(run_dir)) == _comparable(_lines(uninterrupted))
-    assert json.loads((run_dir / "ledger.json").read_text()) == json.loads((uninterrupted / "ledger.json").read_text())
+    _assert_uninterrupted_result(run_dir, uninterrupted)
     for name, before in spent_before.items():  # nothing spent before the kill was forgotten
         after = json.loads((run_dir / "hospitals" / name).read_text())["spent"]
         assert after[: len(before)] == before
     assert killed_at <= 3
     log = (run_dir / "simulate.log").read_text()  # the resumed run logs into the run's own simulate.log too
     assert log.count(f"run directory {run_dir}; config:") == 2 and "round 3/3" in log
+
+
+def test_one_process_writes_a_run_directory_at_a_time(tmp_path, uninterrupted):
+    """A resume started while the run still holds its directory, then (the run killed) two
+    resumes at once: one writes, the others stop with one line naming its pid — no round
+    twice in metrics.jsonl, no release a hospital's record lacks, the uninterrupted result."""
+    run_dir = tmp_path / "run"
+    original = _start_and_wait_for(run_dir, 1)
+    os.killpg(original.pid, signal.SIGSTOP)  # alive, holding the directory, going nowhere
+    try:
+        intruder = _simulate([f"resume={run_dir}"])
+        assert intruder.wait(timeout=300) == 2
+        _assert_refused_by(intruder.stderr.read(), original.pid)
+    finally:
+        os.killpg(original.pid, signal.SIGKILL)
+        original.wait()
+    assert not (run_dir / "summary.json").exists(), "killed too late to test anything"
+
+    logs = [open(tmp_path / f"resume{i}.log", "w+") for i in range(2)]
+    both = [_simulate([f"resume={run_dir}"], stderr=log) for log in logs]
+    codes = [proc.wait(timeout=600) for proc in both]
+    assert sorted(codes) == [0, 2], [log.seek(0) or log.read()[-3000:] for log in logs]
+    winner, loser = (0, 1) if codes[0] == 0 else (1, 0)
+    logs[loser].seek(0)
+    _assert_refused_by(logs[loser].read(), both[winner].pid)
+    _assert_uninterrupted_result(run_dir, uninterrupted)
+
+
+def _assert_refused_by(stderr, pid):
+    errors = [line for line in stderr.splitlines() if line.startswith("fedpriv:")]
+    assert len(errors) == 1 and f"another fedpriv run (pid {pid})" in errors[0], stderr[-3000:]
+    assert "Traceback" not in stderr
+
+
+def _assert_uninterrupted_result(run_dir, uninterrupted):
+    whole = json.loads((uninterrupted / "summary.json").read_text())
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["test"] == whole["test"] and summary["test_ci95"] == whole["test_ci95"]
+    assert summary["privacy"] == whole["privacy"]  # the same ε, record- and client-level
+    assert _comparable(_lines(run_dir)) == _comparable(_lines(uninterrupted))
+    assert json.loads((run_dir / "ledger.json").read_text()) == json.loads((uninterrupted / "ledger.json").read_text())
 
 
 def test_resume_refuses_another_config_and_a_finished_run(tmp_path, uninterrupted):

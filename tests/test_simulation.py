@@ -277,6 +277,22 @@ def test_injected_crashes_and_hangs_complete_rounds_and_keep_the_privacy_spent(t
         assert summary["privacy"]["hospitals"][str(h)]["epsilon"] == pytest.approx(ledger["epsilon"][str(h)])
 
 
+def test_every_line_covers_what_hospitals_spent_before_failing(tmp_path):
+    """A hospital that trains and then crashes has spent its round; the server hears of it only
+    later, but no metrics line may show less than the hospital's own record holds so far."""
+    settings = make_settings([*TINY, "num_clients=3", "rounds=3", "seed=3", "faults.client_failure_rate=0.5"])
+    run_experiment(settings, tmp_path)
+    lines = read_lines(tmp_path)
+    assert lines[0]["hospitals_failed"]  # this seed has crashes, the first in round 1
+    for h in range(3):
+        spent = json.loads((tmp_path / "hospitals" / f"hospital_{h}.json").read_text())["spent"]
+        for line in lines:
+            so_far = [(s["noise_multiplier"], s["sample_rate"], s["steps"]) for s in spent if s["round"] <= line["round"]]
+            assert line["epsilon"][str(h)] >= dp_accounting_epsilon(so_far, settings.privacy.delta) * (1 - 1e-3), (h, line["round"])
+            if str(h) in line["hospitals_failed"]:
+                assert h in line["epsilon_unconfirmed"]  # and it says that its record is not read yet
+
+
 def test_too_few_replies_stop_the_run_with_the_cause_and_keep_the_ledger(tmp_path):
     settings = make_settings([*TINY, "faults.client_failure_rate=1.0", "faults.min_replies=1"])
     with pytest.raises(FedprivError, match=r"round 1: 0 hospital\(s\) trained, fewer than faults\.min_replies=1.*injected failure"):

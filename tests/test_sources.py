@@ -36,9 +36,9 @@ def _write_png(path, value=128, size=20):
 
 def _make_folder_dataset(root, patients=4):
     for split in SPLITS:
-        for folder in CLASSES:
-            for p in range(patients):
-                _write_png(root / split / folder / f"patientx__P_{split}{p:03d}_img_{folder}.png")
+        for c, folder in enumerate(CLASSES):
+            for p in range(patients):  # a patient's two images differ (the same image twice is refused)
+                _write_png(root / split / folder / f"patientx__P_{split}{p:03d}_img_{folder}.png", value=100 + 10 * c + p)
 
 
 def _read_folders(root, collect=False):
@@ -62,7 +62,7 @@ def test_folder_dataset_reads_labels_and_patients(tmp_path):
     assert len(data.train) == 8 and data.train.images.shape == (8, 1, 16, 16)
     assert sorted(set(data.train.labels)) == [0, 1]
     assert data.test.patient_ids[0].startswith("P_test")
-    assert np.allclose(data.train.images, 128 / 255, atol=1e-3)  # 8-bit keeps its absolute scale
+    assert data.train.images.min() == pytest.approx(100 / 255) and data.train.images.max() == pytest.approx(113 / 255)  # 8-bit keeps its absolute scale
 
 
 def test_empty_class_folder_is_named(tmp_path):
@@ -85,7 +85,7 @@ def test_unreadable_image_is_named_or_counted_when_allowed(tmp_path):
 
 def test_patient_in_two_splits_is_refused(tmp_path):
     _make_folder_dataset(tmp_path)
-    _write_png(tmp_path / "test" / "is_benign_true" / "patientx__P_train000_img_dup.png")
+    _write_png(tmp_path / "test" / "is_benign_true" / "patientx__P_train000_img_dup.png", value=7)
     with pytest.raises(FedprivError, match="P_train000 is in both"):
         _read_folders(tmp_path).check_disjoint_patients("test")
 
@@ -261,7 +261,7 @@ def _write_npz(path, **overrides):
 
 
 def test_npz_medmnist_labels_are_mapped_to_malignant_positive(tmp_path):
-    data = read_npz(_write_npz(tmp_path / "breastmnist.npz"), {"0": 1, "1": 0}, OPTIONS)
+    data = read_npz(_write_npz(tmp_path / "breastmnist.npz"), {"0": 1, "1": 0}, OPTIONS, DataProblems())
     assert data.train.images.shape == (20, 1, 16, 16) and len(data.test) == 8
     assert list(data.train.labels[:2]) == [1, 0]  # BreastMNIST 0 = malignant
     assert len(set(data.train.patient_ids)) == 20
@@ -271,10 +271,56 @@ def test_npz_missing_key_and_unknown_label_are_named(tmp_path):
     path = tmp_path / "bad.npz"
     np.savez(path, train_images=np.zeros((2, 28, 28), np.uint8))
     with pytest.raises(FedprivError, match="no array 'train_labels'"):
-        read_npz(path, {"0": 1, "1": 0}, OPTIONS)
+        read_npz(path, {"0": 1, "1": 0}, OPTIONS, DataProblems())
     path = _write_npz(tmp_path / "three.npz", val_labels=np.full((6, 1), 2, np.uint8))
     with pytest.raises(FedprivError, match="val_labels has value 2"):
-        read_npz(path, {"0": 1, "1": 0}, OPTIONS)
+        read_npz(path, {"0": 1, "1": 0}, OPTIONS, DataProblems())
+
+
+# --- the same image twice ------------------------------------------------------------------------
+
+
+def test_a_manifest_row_listed_twice_names_both_lines_or_is_left_out(tmp_path):
+    """Once accepted silently: the image was trained on twice, at twice its accounted rate."""
+    path = _manifest_dataset(tmp_path)
+    rows = list(csv.reader(path.open()))
+    _write_manifest(path, [*rows[1:], rows[1]], rows[0])  # line 2 again, as line 14
+    with pytest.raises(FedprivError, match=r"manifest\.csv line 14 repeats .*manifest\.csv line 2 \(the same file, patient pat0\)"):
+        _read_manifest(path)
+    data = _read_manifest(path, collect=True)
+    assert len(data.train) + len(data.val) + len(data.test) == 12 and len(data.skipped) == 1
+
+
+def test_the_same_pixels_twice_for_a_patient_are_refused_in_a_manifest(tmp_path):
+    path = _manifest_dataset(tmp_path)
+    (tmp_path / "img" / "copy.png").write_bytes((tmp_path / "img" / "3.png").read_bytes())  # pat1's second image
+    rows = list(csv.reader(path.open()))
+    _write_manifest(path, [*rows[1:], ["img/copy.png", "malignant", "pat1", "train", 50]], rows[0])
+    with pytest.raises(FedprivError, match=r"line 14 repeats .*line 5 \(the same pixels, patient pat1\)"):
+        _read_manifest(path)
+    # the same pixels for another patient are two images (e.g. two blank ones): not refused
+    _write_manifest(path, [*rows[1:], ["img/copy.png", "malignant", "pat9", "train", 50]], rows[0])
+    assert len(_read_manifest(path).train) == 9
+
+
+def test_a_linked_image_in_a_folder_is_refused_wherever_it_appears(tmp_path):
+    _make_folder_dataset(tmp_path)
+    original = tmp_path / "train" / "is_benign_false" / "patientx__P_train001_img_is_benign_false.png"
+    link = tmp_path / "test" / "is_benign_true" / "patientx__P_other_img_x.png"  # another patient, split and class
+    link.symlink_to(original)
+    with pytest.raises(FedprivError, match=r"P_other_img_x\.png repeats .*P_train001_img_is_benign_false\.png \(the same file"):
+        _read_folders(tmp_path)
+    assert len(_read_folders(tmp_path, collect=True).skipped) == 1
+
+
+def test_an_npz_image_twice_is_refused_or_left_out(tmp_path):
+    images = np.random.default_rng(1).integers(0, 256, (20, 28, 28), dtype=np.uint8)
+    images[7] = images[2]
+    path = _write_npz(tmp_path / "twice.npz", train_images=images)
+    with pytest.raises(FedprivError, match=r"train_images\[7\] repeats .*train_images\[2\] \(the same pixels\)"):
+        read_npz(path, {"0": 1, "1": 0}, OPTIONS, DataProblems())
+    data = read_npz(path, {"0": 1, "1": 0}, OPTIONS, DataProblems(collect=True))
+    assert len(data.train) == 19 and len(data.skipped) == 1
 
 
 # --- `python -m fedpriv.data check` ----------------------------------------------------------------
@@ -284,13 +330,16 @@ def test_data_check_lists_every_problem_without_training(tmp_path):
     _make_folder_dataset(tmp_path)
     (tmp_path / "train" / "is_benign_false" / "patientx__P_bad_img_x.png").write_bytes(b"truncated")
     (tmp_path / "val" / "is_benign_true" / "no-patient-id.png").write_bytes(b"")
-    _write_png(tmp_path / "test" / "is_benign_true" / "patientx__P_train000_img_dup.png")
+    _write_png(tmp_path / "test" / "is_benign_true" / "patientx__P_train000_img_dup.png", value=7)
+    (tmp_path / "val" / "is_benign_false" / "patientx__P_val000_img_copy.png").symlink_to(
+        tmp_path / "val" / "is_benign_false" / "patientx__P_val001_img_is_benign_false.png")
     args = ["check", "data=cbis_ddsm", f"data.root={tmp_path}",
             "data.patient_pattern='(P_\\w+?)_img'", "data.image_size=16"]
     proc = subprocess.run([sys.executable, "-m", "fedpriv.data", *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
     out = " ".join(proc.stdout.split())
     assert proc.returncode == 1, proc.stdout + proc.stderr
-    assert "3 problem(s)" in out and "P_bad_img_x.png cannot be read" in out and "no-patient-id.png: no patient id" in out
+    assert "4 problem(s)" in out and "P_bad_img_x.png cannot be read" in out and "no-patient-id.png: no patient id" in out
     assert "P_train000 is in both the train and test split" in out
+    assert "P_val001_img_is_benign_false.png repeats" in out and "P_val000_img_copy.png (the same file" in out  # once: "consistent"
     assert "train │ 8 │ 4 │ 4 │ 4" in out  # the readable records are still counted
     assert not list(tmp_path.glob("**/*.json"))  # nothing trained, nothing written

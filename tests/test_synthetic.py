@@ -187,8 +187,8 @@ def test_augment_run_reports_quality_and_writes_samples_generators_and_pool(augm
 def test_sampling_command_writes_an_image_folder_the_data_sources_read(augment_run, tmp_path):
     _, run_dir, _ = augment_run
     out = tmp_path / "samples"
-    for split in ("train", "val", "test"):
-        assert sample_main([str(run_dir / "synthetic" / "generator_hospital_1.pt"), "--num", "12", "--out", str(out), "--split", split]) == 0
+    for seed, split in enumerate(("train", "val", "test")):  # other seeds, other images: the same image twice is refused
+        assert sample_main([str(run_dir / "synthetic" / "generator_hospital_1.pt"), "--num", "12", "--out", str(out), "--split", split, "--seed", str(seed)]) == 0
     settings = make_settings(["data=image_folder", f"data.root={out}", "data.image_size=32", "data.class_folders={malignant: 1, benign: 0}"])
     splits = load_splits(settings.data, 0)
     assert len(splits.train) == 12 and splits.train.labels.sum() == 6

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from fedpriv import CONFIG_DIR
@@ -35,15 +36,20 @@ def main(argv: list[str], prog: str = "python -m fedpriv.data") -> int:
 
 
 def check(overrides: list[str], console: Console) -> int:
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
     from fedpriv.data.check import check_data
-    from fedpriv.settings import settings_from_config
+    from fedpriv.errors import FedprivError
+    from fedpriv.settings import config_error, settings_from_config
 
     try:
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
             settings = settings_from_config(compose("simulate", overrides=overrides))
-    except Exception as error:  # FedprivError, or Hydra's own (unknown group, override syntax)
-        console.print(f"[bold red]fedpriv:[/] {error}")
-        return 2
+    except (HydraException, OmegaConfBaseException) as error:  # unknown option, misspelt key, override syntax
+        return _fail(console, config_error(error))
+    except FedprivError as error:
+        return _fail(console, error)
     report = check_data(settings.data, settings.seed)
     table = Table(title=f"data={settings.data.name}: records per split (item shape {report.shape})")
     for column in ("split", "images", "patients", "malignant", "benign", "images per site"):
@@ -79,8 +85,7 @@ def manifest(argv: list[str], console: Console, prog: str) -> int:
     try:
         result = build_manifest(args.dicom_dir, args.labels, args.out, args.label_column, args.patient_pattern)
     except FedprivError as error:
-        console.print(f"[bold red]fedpriv:[/] {error}")
-        return 2
+        return _fail(console, error)
     counts = {}
     for row in result.rows:
         counts[row["label"]] = counts.get(row["label"], 0) + 1
@@ -101,6 +106,11 @@ def manifest(argv: list[str], console: Console, prog: str) -> int:
     if set(counts) - {"0", "1", "malignant", "benign"}:
         console.print(f"  and map your labels to 1 (malignant) / 0 (benign): data.labels='{{{', '.join(f'{k}: ?' for k in sorted(counts))}}}'", highlight=False)
     return 0
+
+
+def _fail(console: Console, error: Exception) -> int:
+    console.print(f"[bold red]fedpriv:[/] {escape(str(error))}", soft_wrap=True)
+    return 2
 
 
 if __name__ == "__main__":

@@ -42,6 +42,8 @@ def read_class_folders(
             except FedprivError as error:
                 problems.report(str(error))
                 continue
+            if problems.repeated(str(path), match.group(1), item.pixels, path):
+                continue
             images.append(item.pixels)
             labels.append(label)
             patients.append(match.group(1) if match else f"{folder}/{path.name}")

@@ -54,10 +54,13 @@ def read_manifest(
             problems.report(f"{where}: split {split!r} must be one of {SPLITS}")
             continue
         path = Path(row[columns["path"]].strip()).expanduser()
+        path = path if path.is_absolute() else base / path
         try:
-            item = read_file(path if path.is_absolute() else base / path, options)
+            item = read_file(path, options)
         except FedprivError as error:
             problems.report(f"{where}: {error}")
+            continue
+        if problems.repeated(where, patient, item.pixels, path):
             continue
         images.append(item.pixels)
         classes.append(labels[raw_label])

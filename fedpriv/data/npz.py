@@ -12,13 +12,15 @@ from pathlib import Path
 import numpy as np
 
 from fedpriv.data.readers import ReadOptions, fit_to_shape, to_unit_range
-from fedpriv.data.records import ImageRecords, SplitData
+from fedpriv.data.records import DataProblems, ImageRecords, SplitData
 from fedpriv.errors import FedprivError
 
 SPLITS = ("train", "val", "test")
 
 
-def read_npz(path: Path, labels: dict[str, int], options: ReadOptions) -> SplitData:
+def read_npz(path: Path, labels: dict[str, int], options: ReadOptions, problems: DataProblems) -> SplitData:
+    """The three splits; an image that repeats an earlier one (any split: without patient ids
+    identical pixels are taken for the same image) is reported to `problems`."""
     if not path.is_file():
         raise FedprivError(f"data.path={str(path)!r} is not a file; point it at the .npz")
     try:
@@ -31,8 +33,10 @@ def read_npz(path: Path, labels: dict[str, int], options: ReadOptions) -> SplitD
         missing = [k for k in (f"{split}_images", f"{split}_labels") if k not in arrays]
         if missing:
             raise FedprivError(f"{path} has no array {missing[0]!r} (has {sorted(arrays)}); expected MedMNIST keys")
-        parts[split] = _records(path, split, arrays[f"{split}_images"], arrays[f"{split}_labels"], labels, options)
-    return SplitData(**parts)
+        records = _records(path, split, arrays[f"{split}_images"], arrays[f"{split}_labels"], labels, options)
+        repeats = [problems.repeated(f"{path} {split}_images[{i}]", None, image) for i, image in enumerate(records.images)]
+        parts[split] = records.subset(~np.array(repeats, dtype=bool))
+    return SplitData(**parts, skipped=tuple(problems.messages))
 
 
 def _records(path: Path, split: str, images: np.ndarray, raw_labels: np.ndarray, labels: dict[str, int], options: ReadOptions) -> ImageRecords:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -52,7 +54,7 @@ class ImageRecords:
 
 @dataclass
 class DataProblems:
-    """Unreadable or inconsistent items met while loading.
+    """Unreadable, inconsistent or repeated items met while loading.
 
     Strict (the default for runs): the first problem stops the run with its message.
     Collecting (`data.skip_unreadable=true`, and `fedpriv.data check`): each problem is kept,
@@ -61,11 +63,33 @@ class DataProblems:
 
     collect: bool = False
     messages: list[str] = field(default_factory=list)
+    seen: dict[tuple, str] = field(default_factory=dict)  # an image's identities → where it was first met
 
     def report(self, message: str) -> None:
         if not self.collect:
             raise FedprivError(message)
         self.messages.append(message)
+
+    def repeated(self, where: str, patient: str | None, pixels: np.ndarray, path: Path | None = None) -> bool:
+        """Whether this image was met before in the data set — the same file (path, link or
+        hard link) or, for the same patient, the same pixels (patient None: a source without
+        patient ids, any earlier image) — and if so report it, naming both places: an image
+        listed twice is sampled twice as often as its privacy is accounted for. `where` names
+        the item; a new image is remembered under it."""
+        identities = {}
+        if path is not None:
+            stat = path.stat()
+            identities[("file", stat.st_dev, stat.st_ino)] = "the same file"
+        identities[("pixels", patient, hashlib.sha256(pixels.tobytes()).hexdigest())] = "the same pixels"
+        for identity, why in identities.items():
+            if identity in self.seen:
+                self.report(
+                    f"{where} repeats {self.seen[identity]} ({why}{'' if patient is None else f', patient {patient}'}): a repeated image is "
+                    "sampled more often than its privacy is accounted for; list each image once"
+                )
+                return True
+        self.seen.update(dict.fromkeys(identities, where))
+        return False
 
 
 @dataclass

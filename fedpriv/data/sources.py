@@ -82,7 +82,7 @@ def _manifest(settings: ManifestDataSettings, seed: int, problems: DataProblems)
 
 
 def _npz(settings: NpzDataSettings, seed: int, problems: DataProblems) -> SplitData:
-    return read_npz(Path(settings.path).expanduser(), {str(k): v for k, v in settings.labels}, read_options(settings))
+    return read_npz(Path(settings.path).expanduser(), {str(k): v for k, v in settings.labels}, read_options(settings), problems)
 
 
 SOURCES: dict[str, Callable[[DataSettings, int, DataProblems], SplitData]] = {

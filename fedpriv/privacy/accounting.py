@@ -34,12 +34,17 @@ MAX_NOISE_MULTIPLIER = 1e4
 
 @functools.lru_cache(maxsize=256)
 def calibrate_noise_multiplier(
-    target_epsilon: float, delta: float, sample_rate: float, steps: int, prior: tuple[tuple[float, float, int], ...] = ()
+    target_epsilon: float,
+    delta: float,
+    sample_rate: float,
+    steps: int,
+    prior: tuple[tuple[float, float, int], ...] = (),
+    key: str = "privacy.target_epsilon",
 ) -> float:
     """Smallest σ (RDP, to within ε tolerance 0.005) such that `steps` steps at
     `sample_rate`, composed with the `prior` mechanisms already applied to the same records,
     spend at most target_epsilon — the search of Opacus' get_noise_multiplier, bounded so
-    that an unreachable target is an error, not an endless loop.
+    that an unreachable target is an error (naming the setting `key`), not an endless loop.
 
     Cached: a process asks for the same plan more than once (budget pre-check, strategy,
     summary)."""
@@ -54,7 +59,7 @@ def calibrate_noise_multiplier(
             from fedpriv.errors import FedprivError
 
             raise FedprivError(
-                f"privacy.target_epsilon={target_epsilon:g} cannot be reached with δ={delta:g} over {steps} "
+                f"{key}={target_epsilon:g} cannot be reached with δ={delta:g} over {steps} "
                 f"steps at sample rate {sample_rate:.3g} (it needs σ > {MAX_NOISE_MULTIPLIER:g}); raise the "
                 "target or δ, or train fewer steps"
             )

@@ -1,14 +1,16 @@
 """What one hospital keeps on its own disk: its σ and every DP-SGD round it ran.
 
-A hospital writes this file (atomically) after training and *before* its update leaves, so
-a crash, a timeout or a killed simulation never loses privacy it spent. A round run again
-after a resume is the same mechanism with the same randomness on the same inputs: if it
-releases bit-identical weights (same digest) it reveals nothing new and is recorded once;
-if the release differs in any bit, it is recorded as a further round of spending.
+A hospital writes this file (atomically, under an OS lock) after training and *before* its
+update leaves, so a crash, a timeout, a killed simulation or a second process training the
+same hospital never loses privacy it spent. A round run again after a resume is the same
+mechanism with the same randomness on the same inputs: if it releases bit-identical weights
+(same digest) it reveals nothing new and is recorded once; if the release differs in any
+bit, it is recorded as a further round of spending.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -47,12 +49,6 @@ class HospitalPrivacyState:
     def history(self) -> History:
         return [(s.noise_multiplier, s.sample_rate, s.steps) for s in self.spent]
 
-    @property
-    def private_history(self) -> History:
-        """The sessions that added noise. A non-private GAN (synthetic.dp=false) makes the
-        hospital's ε ∞, as `history` says; the budget then governs the classifier alone."""
-        return [entry for entry in self.history if entry[0] > 0]
-
     def record(self, spent: SpentRound) -> None:
         """Add a session, unless it replays an identical release of the same round."""
         if any(s == spent for s in self.spent):
@@ -71,6 +67,22 @@ class HospitalPrivacyState:
                 f"{path}: a hospital's privacy state is unreadable ({error}); its spent ε is unknown, "
                 "so this run cannot continue — start a new run directory"
             ) from None
+
+    @classmethod
+    def record_at(cls, path: Path, spent: SpentRound, noise_multiplier: float | None = None) -> HospitalPrivacyState:
+        """Add a session to the state on disk (setting σ when not yet set); return the state.
+
+        Read, changed and written under an OS lock on a file next to it: sessions that two
+        processes record at once are both kept, never one overwritten by the other."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path.with_suffix(".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes (or the process dies)
+            state = cls.load(path)
+            if state.noise_multiplier is None:
+                state.noise_multiplier = noise_multiplier
+            state.record(spent)
+            state.save(path)
+        return state
 
     def save(self, path: Path) -> None:
         """Write to a temporary file and rename: a kill mid-write leaves the previous state."""

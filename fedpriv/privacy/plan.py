@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fedpriv.privacy.accounting import calibrate_noise_multiplier, poisson_plan
-from fedpriv.settings import RunSettings
+from fedpriv.privacy.accounting import History, calibrate_noise_multiplier, epsilon_spent, poisson_plan
+from fedpriv.settings import PrivacySettings, RunSettings
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,7 @@ def gan_mechanism(settings: RunSettings, real_records: int) -> Mechanism | None:
     steps = g.epochs * per_epoch
     if not g.dp:
         return Mechanism(0.0, sample_rate, steps)
-    sigma = calibrate_noise_multiplier(g.epsilon_share * p.target_epsilon, p.delta, sample_rate, steps)
+    sigma = calibrate_noise_multiplier(g.epsilon_share * p.target_epsilon, p.delta, sample_rate, steps, key="synthetic.epsilon_share × privacy.target_epsilon")
     return Mechanism(sigma, sample_rate, steps)
 
 
@@ -55,3 +55,20 @@ def classifier_mechanism(settings: RunSettings, real_records: int) -> Mechanism:
     planned = settings.rounds * settings.local_epochs * per_epoch
     sigma = calibrate_noise_multiplier(p.target_epsilon, p.delta, sample_rate, planned, prior)
     return Mechanism(sigma, sample_rate, settings.local_epochs * per_epoch)
+
+
+def central_noise_multiplier(settings: RunSettings) -> float:
+    """σ of client-level DP-FedAvg, calibrated so the planned rounds land on
+    privacy.client_target_epsilon. Accounted without amplification by client sampling
+    (q = 1): Flower samples a fixed number of hospitals, for which Poisson-subsampling
+    amplification does not hold, so this is an honest upper bound."""
+    p = settings.privacy
+    return calibrate_noise_multiplier(p.client_target_epsilon, p.delta, 1.0, settings.rounds, key="privacy.client_target_epsilon")
+
+
+def fits_budget(history: History, session: tuple[float, float, int], privacy: PrivacySettings) -> bool:
+    """Whether a hospital with this history may run one more session within its budget. Only
+    sessions that added noise count: a GAN without DP (σ = 0) makes its ε ∞ anyway, and the
+    budget then governs the classifier alone."""
+    private = [entry for entry in history if entry[0] > 0]
+    return epsilon_spent([*private, session], privacy.delta) <= privacy.budget
