@@ -165,23 +165,28 @@ def main(cfg: DictConfig) -> None:
         from fedpriv.experiment import run_experiment
         from fedpriv.outputs import describe_round
 
-        with Progress(
+        progress = Progress(
             TextColumn("[bold]round {task.completed}/{task.total}"),
             BarColumn(),
             TextColumn("{task.description}"),
             TimeElapsedColumn(),
             console=console,
-        ) as progress:
-            task = progress.add_task("starting hospitals…", total=settings.rounds)
+        )
+        task = progress.add_task("starting hospitals…", total=settings.rounds)
 
-            def on_round(line: dict) -> None:
-                progress.console.print(describe_round(line, settings.rounds), highlight=False, soft_wrap=True)
-                progress.update(task, advance=1, description="training" if line["round"] < settings.rounds else "final evaluation")
+        def on_partition(table: list[dict]) -> None:  # the data and settings are checked: training starts
+            run_log.show(progress.console, partition_table(table), "partition")
+            progress.start()
 
-            def on_partition(table: list[dict]) -> None:
-                run_log.show(progress.console, partition_table(table), "partition")
+        def on_round(line: dict) -> None:
+            progress.console.print(describe_round(line, settings.rounds), highlight=False, soft_wrap=True)
+            progress.update(task, advance=1, description="training" if line["round"] < settings.rounds else "final evaluation")
 
+        try:
             summary = run_experiment(settings, run_dir, on_round, on_partition)
+        finally:
+            if progress.live.is_started:  # (stopping one never started prints a blank line)
+                progress.stop()
     except FedprivError as error:
         log.error("%s", error, extra={"console": False})
         fail(error)

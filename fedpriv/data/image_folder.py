@@ -22,7 +22,7 @@ def read_class_folders(
     """Read `root/<class folder>/*` (any readable format); the patient id is the first group of
     `patient_pattern` in the file name; `site` is the data set's folder name. Without
     `patients_required` (an external test set, never split or partitioned by patient) a file
-    whose name has no patient id is its own patient."""
+    whose name has no patient id is its own patient, and repeated images are not refused."""
     images, labels, patients, metadata = [], [], [], []
     pattern = re.compile(patient_pattern)
     for folder, label in class_folders.items():
@@ -42,11 +42,14 @@ def read_class_folders(
             except FedprivError as error:
                 problems.report(str(error))
                 continue
-            if problems.repeated(str(path), match.group(1), item.pixels, path):
+            patient = match.group(1) if match else f"{folder}/{path.name}"
+            # a repeat in the private data is sampled beyond its accounting; an external test
+            # set trains nothing, so its images are only evaluated
+            if patients_required and problems.repeated(str(path), patient, item.pixels, path):
                 continue
             images.append(item.pixels)
             labels.append(label)
-            patients.append(match.group(1) if match else f"{folder}/{path.name}")
+            patients.append(patient)
             metadata.append({"site": root.parent.name, **item.metadata})
     return stack_records(str(root), images, labels, patients, metadata)
 
