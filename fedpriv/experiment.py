@@ -280,7 +280,9 @@ def make_summary(
     (its round under `round`)."""
     utility_keys = ("auroc", "auprc", "accuracy", "sensitivity", "specificity")
     hospitals = [row["hospital"] for row in table]
-    privacy: dict = {"mode": settings.privacy.mode, "public_steps": [dict(step) for step in ledger.public]}
+    privacy: dict = {"mode": settings.privacy.mode}
+    if ledger.public:  # how the starting weights were made, touching no private record (ε = 0)
+        privacy["public_steps"] = [dict(step) for step in ledger.public]
     if settings.privacy.central:
         releases = ledger.entries_of(FEDERATION)
         privacy["client_level"] = {
