@@ -186,16 +186,25 @@ def takes_volumes(model: nn.Module) -> bool:
     return any(isinstance(m, nn.Conv3d) for m in model.modules())
 
 
+def classifier_parameters(model: nn.Module) -> set[str]:
+    """Names of the classifier head's parameters (timm's `get_classifier`; empty without one)."""
+    if not hasattr(model, "get_classifier"):
+        return set()
+    head = {id(p) for p in model.get_classifier().parameters()}
+    return {name for name, p in model.named_parameters() if id(p) in head}
+
+
 def freeze_backbone(model: nn.Module, settings_name: str) -> None:
     """Train only the classifier head (timm's `get_classifier`): every other parameter stops
     requiring gradients, so DP-SGD clips and noises the head alone."""
-    if not hasattr(model, "get_classifier"):
-        raise FedprivError(f"training.freeze=backbone needs a model with timm's get_classifier(); model.name={settings_name} has none")
-    head = {id(p) for p in model.get_classifier().parameters()}
+    head = classifier_parameters(model)
     if not head:
-        raise FedprivError(f"training.freeze=backbone: model.name={settings_name} has no classifier parameters to train")
-    for parameter in model.parameters():
-        parameter.requires_grad_(id(parameter) in head)
+        raise FedprivError(
+            f"training.freeze=backbone needs a model with classifier parameters (timm's get_classifier()); "
+            f"model.name={settings_name} has none"
+        )
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(name in head)
 
 
 def _conv3d_gn(in_ch: int, out_ch: int, stride: int = 1) -> nn.Sequential:

@@ -17,7 +17,7 @@ from timm.models import get_pretrained_cfg
 from torch import nn
 
 from fedpriv.errors import FedprivError
-from fedpriv.models import build_model
+from fedpriv.models import build_model, classifier_parameters
 from fedpriv.priors.build import prior_weights
 from fedpriv.settings import ModelSettings, PriorSettings
 
@@ -117,7 +117,7 @@ def load_initial_weights(network: nn.Module, path: Path) -> None:
     a GroupNorm; any other missing, extra or mis-shaped key is an error naming each one."""
     given = read_weights_file(path)
     own = network.state_dict()
-    head = _head_keys(network)
+    head = classifier_parameters(network)
     norms = {name for name, m in network.named_modules() if isinstance(m, nn.GroupNorm)}
     problems, loaded = [], {}
     for key, tensor in given.items():
@@ -137,10 +137,3 @@ def load_initial_weights(network: nn.Module, path: Path) -> None:
         listed = "; ".join(problems[:8]) + (f"; … {len(problems) - 8} more" if len(problems) > 8 else "")
         raise FedprivError(f"model.init={path} does not fit the model: {listed}")
     network.load_state_dict(loaded, strict=False)
-
-
-def _head_keys(network: nn.Module) -> set[str]:
-    if not hasattr(network, "get_classifier"):
-        return set()
-    head = {id(p) for p in network.get_classifier().parameters()}
-    return {name for name, p in network.named_parameters() if id(p) in head}
