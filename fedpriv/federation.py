@@ -1,4 +1,5 @@
-"""All Flower and Ray wiring in one place: a Flower API change touches only this module.
+"""All Flower and Ray wiring in one place: a change of Flower's public API touches only this
+module (a change of what fedpriv uses of their internals: fedpriv.internals).
 
 client.py and server.py work with plain Python (state dicts, dicts of numbers); this module
 turns them into a Flower ClientApp and ServerApp and runs them on Flower's simulation engine
@@ -10,8 +11,8 @@ from __future__ import annotations
 import inspect
 import logging
 import os
-import random
 import re
+import time
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -22,12 +23,10 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, M
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
-from flwr.serverapp.strategy.strategy_utils import sample_nodes
-from flwr.server.superlink.fleet.vce import vce_api
 from flwr.simulation import run_simulation
-from ray._private.utils import get_num_cpus  # what a local Ray instance counts (no public API before ray.init)
 
 from fedpriv.errors import FedprivError
+from fedpriv.internals import local_ray_cpus, seed_flower_node_sampling, swap_flower_message_queue
 from fedpriv.settings import BackendSettings
 
 log = logging.getLogger(__name__)
@@ -107,7 +106,7 @@ class Federation:
             if not nodes:
                 return {}
         else:
-            nodes, _ = sample_nodes(self.grid, self.num_hospitals, self.num_hospitals)  # waits for all
+            nodes = wait_for_nodes(self.grid, self.num_hospitals)
             if self.hospital_of_node:  # known nodes: ask them in hospital order
                 nodes = sorted(nodes, key=lambda n: self.hospital_of_node.get(n, n))
         messages = [Message(RecordDict(), message_type=MessageType.QUERY, dst_node_id=n) for n in nodes]
@@ -154,10 +153,10 @@ class Federation:
     def train_round(self, server_round: int, weights: StateDict, config: dict, seed: int) -> RoundOutcome:
         """Send the global weights to the sampled hospitals, collect replies, aggregate.
 
-        Flower samples nodes with Python's `random`; seeding it per round and listing nodes
-        in hospital order makes the sample depend on the seed alone, not on node ids.
+        Seeding Flower's sampling per round and listing nodes in hospital order makes the
+        sample depend on the seed alone, not on node ids.
         """
-        random.seed(seed)
+        seed_flower_node_sampling(seed)
         ordered = HospitalOrderedGrid(self.grid, self.hospital_of_node)
         messages = self.strategy.configure_train(server_round, ArrayRecord(weights), ConfigRecord(config), ordered)
         if self.shared is not None:
@@ -187,6 +186,13 @@ class Federation:
             arrays, _ = self.strategy.aggregate_train(server_round, good)
             outcome.weights = arrays.to_torch_state_dict() if arrays is not None else None
         return outcome
+
+
+def wait_for_nodes(grid: Grid, count: int) -> list[int]:
+    """The grid's node ids, once at least `count` nodes have connected."""
+    while len(nodes := list(grid.get_node_ids())) < count:
+        time.sleep(1)
+    return nodes
 
 
 class HospitalOrderedGrid:
@@ -239,7 +245,7 @@ def check_backend(backend: BackendSettings) -> None:
     if backend.address or os.environ.get("RAY_ADDRESS"):
         return
     # what a local instance gets: ray.init's arguments, else Ray's own count (cgroup limits included)
-    machine = {"num_cpus": get_num_cpus(), "num_gpus": torch.cuda.device_count()}
+    machine = {"num_cpus": local_ray_cpus(), "num_gpus": torch.cuda.device_count()}
     for key, detected in machine.items():
         have = init_args.get(key) if init_args.get(key) is not None else detected
         if resources.get(key, 0) > have:
@@ -264,10 +270,8 @@ def run_federation(
     # cluster happens to run on this machine (which ray.init() would join by default).
     init_args["address"] = backend.address or os.environ.get("RAY_ADDRESS") or "local"
     backend_config = {"client_resources": dict(backend.client_resources), "init_args": init_args}
-    flower_sweep = vce_api.add_messages_to_queue
-    vce_api.add_messages_to_queue = queue_pending_messages  # for this run only (see its docstring)
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), swap_flower_message_queue():  # asks only nodes with a message
             # Ray's tip that it will stop hiding GPUs from workers that asked for none: fedpriv
             # picks each worker's device from backend.client_resources itself (fedpriv.devices).
             warnings.filterwarnings("ignore", message="Tip: In future versions of Ray", category=FutureWarning)
@@ -276,31 +280,6 @@ def run_federation(
                 verbose_logging=verbose,
             )
     finally:
-        vce_api.add_messages_to_queue = flower_sweep
         if ray.is_initialized():
             ray.shutdown()
 
-
-def queue_pending_messages(state, queue, nodes_mapping, f_stop) -> None:
-    """Flower 1.42's `vce_api.add_messages_to_queue` (the simulation engine's thread that
-    hands messages to the Ray workers), asking only the nodes that have an undelivered
-    message. Flower asks every node every 0.1 s, and each question checks every stored
-    message: with 1000 hospitals one sweep held the driver's GIL for ~0.8 s (37 s of a 65 s
-    run), slowing each round and the server's evaluation. Same order, same one message per
-    node per sweep."""
-    while not f_stop.is_set():
-        for node_id in nodes_with_undelivered_messages(state, nodes_mapping):
-            for message in state.get_message_ins(node_id=node_id, limit=1):
-                queue.put(message)
-        f_stop.wait(0.1)
-
-
-def nodes_with_undelivered_messages(state, nodes_mapping) -> list[int]:
-    """The nodes (in Flower's order) that an undelivered message in the in-memory LinkState
-    is addressed to; every node for any other LinkState."""
-    store = getattr(state, "message_ins_store", None)
-    if store is None:
-        return list(nodes_mapping)
-    with state.lock:
-        pending = {message.metadata.dst_node_id for message in store.values() if not message.metadata.delivered_at}
-    return [node for node in nodes_mapping if node in pending]

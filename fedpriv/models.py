@@ -10,16 +10,14 @@ from __future__ import annotations
 
 import torch
 from opacus.grad_sample import register_grad_sampler
-from opacus.grad_sample.layer_norm import compute_layer_norm_grad_sample
-from timm.layers import LayerNorm as TimmLayerNorm
 from opacus.validators import ModuleValidator
 from timm import create_model, is_model, list_models
 from timm.models import register_model
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from fedpriv.errors import FedprivError
+from fedpriv.internals import register_timm_layer_norm, without_timm_plumbing
 from fedpriv.settings import ModelSettings
 
 
@@ -40,8 +38,7 @@ def _position_embedding_grad_sample(layer, activations, backprops):
     return {layer.weight: backprops.unsqueeze(1)}
 
 
-# timm's LayerNorm subclasses nn.LayerNorm with the same maths; Opacus matches exact types.
-register_grad_sampler(TimmLayerNorm)(compute_layer_norm_grad_sample)
+register_timm_layer_norm()
 
 
 def _conv_gn(in_ch: int, out_ch: int, stride: int) -> nn.Sequential:
@@ -134,7 +131,7 @@ def _own_model_kwargs(pretrained: bool, kwargs: dict) -> dict:
     """Drop timm's pretrained-config plumbing; fedpriv's own models train from scratch."""
     if pretrained:
         raise FedprivError("fedpriv models have no pretrained weights; set model.kwargs.pretrained=false")
-    return {k: v for k, v in kwargs.items() if k not in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")}
+    return without_timm_plumbing(kwargs)
 
 
 def build_model(settings: ModelSettings, image_size: int, in_chans: int = 1, pretrained: bool = False) -> nn.Module:
@@ -157,6 +154,10 @@ def build_model(settings: ModelSettings, image_size: int, in_chans: int = 1, pre
     return make_opacus_compatible(model)
 
 
+#: The BatchNorms Opacus' ModuleValidator.fix replaces with a GroupNorm.
+OPACUS_REPLACES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
 def make_opacus_compatible(model: nn.Module) -> nn.Module:
     """BatchNorm → GroupNorm (Opacus' ModuleValidator) and no in-place activations, which
     break Opacus' backward hooks. The BatchNorm's learned scale and shift are copied into the
@@ -165,7 +166,7 @@ def make_opacus_compatible(model: nn.Module) -> nn.Module:
         affine = {
             name: (m.weight.detach().clone(), m.bias.detach().clone())
             for name, m in model.named_modules()
-            if isinstance(m, _BatchNorm) and m.affine
+            if isinstance(m, OPACUS_REPLACES) and m.affine
         }
         model = ModuleValidator.fix(model)
         replaced = dict(model.named_modules())

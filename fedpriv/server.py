@@ -5,11 +5,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import pickle
 import time
 from collections.abc import Callable
 
-import numpy as np
 import torch
 
 from fedpriv.checkpoint import Checkpoint
@@ -19,6 +17,7 @@ from fedpriv.devices import backend_device
 from fedpriv.ema import update_average
 from fedpriv.errors import FedprivError
 from fedpriv.federation import Federation
+from fedpriv.internals import restore_strategy_state, seed_flower_dp_noise
 from fedpriv.metrics import auroc, binary_metrics, bootstrap_interval, choose_threshold, fairness_report, subgroup_labels
 from fedpriv.models import build_model
 from fedpriv.outputs import RunDirectory, describe_round
@@ -133,14 +132,14 @@ def run_rounds(
     round it comes from). The final model is the global weights, or their moving average
     under evaluation.ema, of the last round or, under evaluation.select=best_val, of the
     round with the best validation AUROC. A checkpoint is written after every round."""
-    np.random.seed(settings.seed)  # Flower's client-level DP wrappers (privacy=central) draw noise from numpy's global RNG
+    seed_flower_dp_noise(settings.seed)  # privacy=central
     weights, public_steps = starting_weights(settings.model, settings.prior, settings.data.image_size, settings.seed)
     lines, first_round, average, selected = [], 1, None, None
     select_on_val = settings.evaluation.select == "best_val"
     if resume_from is not None:
         weights, lines, first_round = resume_from.weights, list(resume_from.lines), resume_from.round + 1
         average, selected = resume_from.ema, resume_from.selected
-        federation.strategy = pickle.loads(resume_from.strategy)
+        restore_strategy_state(federation.strategy, resume_from.strategy)
         resume_from.restore_rngs()
     else:
         ledger.public = public_steps  # how the run started: steps that touched no private record (ε = 0)

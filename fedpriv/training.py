@@ -11,6 +11,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from fedpriv.data.records import ImageRecords
+from fedpriv.internals import average_grad_samples_over_views, set_empty_batch_gradients, unwrap_opacus_module
 from fedpriv.settings import TrainingSettings
 
 
@@ -74,7 +75,7 @@ def train_epochs(
         for images, labels in loader:
             optimizer.zero_grad(set_to_none=True)
             if len(labels) == 0:  # Poisson sampled nobody: the DP step is noise only
-                _set_empty_grads(model, ghost=ghost_loss is not None)
+                set_empty_batch_gradients(model)
                 optimizer.step()
                 continue
             images, labels = images.to(device), labels.to(device)  # no-ops on the CPU
@@ -88,21 +89,11 @@ def train_epochs(
                 loss = F.binary_cross_entropy_with_logits(logits, labels, reduction="sum") / views
                 (loss if sum_loss else loss / (len(labels) // views)).backward()
             if views > 1:
-                _average_grad_samples_over_views(model, views)
+                average_grad_samples_over_views(model, views)
             optimizer.step()
             total += float(loss.detach())
             count += len(labels) // views
     return total / max(count, 1)
-
-
-def _average_grad_samples_over_views(model: nn.Module, views: int) -> None:
-    """Opacus computed one per-sample gradient per view (of the loss already divided by
-    `views`); summing each example's views gives its view-averaged gradient, which Opacus
-    then clips as one sample: every example still contributes one clipped gradient."""
-    for p in model.parameters():
-        grad_sample = getattr(p, "grad_sample", None)
-        if grad_sample is not None:
-            p.grad_sample = grad_sample.reshape(-1, views, *grad_sample.shape[1:]).sum(1)
 
 
 def proximal_pull(model: nn.Module, global_weights: dict[str, torch.Tensor], mu: float) -> Callable:
@@ -126,20 +117,8 @@ def proximal_pull(model: nn.Module, global_weights: dict[str, torch.Tensor], mu:
 
 
 def _named_parameters(model: nn.Module):
-    """Parameter names as in the plain model's state dict (Opacus wraps it in `_module`)."""
-    inner = getattr(model, "_module", model)
-    return inner.named_parameters()
-
-
-def _set_empty_grads(model: nn.Module, ghost: bool) -> None:
-    """What Opacus' optimizer reads when a Poisson batch is empty: no per-sample gradients
-    (hooks) or a zero clipped gradient (ghost clipping); it then adds the noise."""
-    for p in model.parameters():
-        if p.requires_grad:
-            if ghost:
-                p.grad = torch.zeros_like(p)
-            else:
-                p.grad_sample = p.new_zeros((0, *p.shape))
+    """Parameter names as in the plain model's state dict (also of a model Opacus wrapped)."""
+    return unwrap_opacus_module(model).named_parameters()
 
 
 def _device_of(model: nn.Module) -> torch.device:

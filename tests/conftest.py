@@ -76,6 +76,16 @@ def _run(overrides: list[str], run_dir: Path) -> dict:
 
 
 @pytest.fixture
+def flower_task(monkeypatch):
+    """The identity Flower gives the server's task, which a Message built outside a running
+    ServerApp (a test's own) needs."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for name in ("_task_id", "_run_id", "_node_id"):
+        monkeypatch.setattr(TaskIdentity, name, 1)
+
+
+@pytest.fixture
 def cbis_root() -> Path:
     if not CBIS_DDSM.is_dir():
         pytest.skip(f"real CBIS-DDSM patches not found at {CBIS_DDSM}")

@@ -2,14 +2,18 @@
 
 import json
 import os
+import pickletools
 import signal
 import subprocess
 import sys
 import time
+import zipfile
 
 import pytest
+import torch
 
 from conftest import ROOT, SAMPLED_LOCAL_CENTRAL, make_settings
+from fedpriv.checkpoint import Checkpoint
 from fedpriv.errors import FedprivError
 from fedpriv.experiment import run_experiment
 
@@ -138,3 +142,25 @@ def test_resume_refuses_another_config_and_a_finished_run(tmp_path, uninterrupte
         run_experiment(other, partial)
     with pytest.raises(FedprivError, match="already holds a run"):
         run_experiment(make_settings(RUN), uninterrupted)
+
+
+def _pickled_classes(path) -> set[str]:
+    """The module of every class or function a torch file's pickle names."""
+    with zipfile.ZipFile(path) as archive:
+        pickled = archive.read(next(n for n in archive.namelist() if n.endswith("/data.pkl")))
+    return {arg.split()[0] for op, arg, _ in pickletools.genops(pickled) if op.name == "GLOBAL"}
+
+
+def test_a_checkpoint_holds_tensors_and_plain_data_only(uninterrupted, tmp_path):
+    path = uninterrupted / "checkpoint.pt"
+    payload = torch.load(path, weights_only=True)  # refuses any class but tensors and plain containers
+    assert {module.split(".")[0] for module in _pickled_classes(path)} <= {"torch", "collections"}  # no flwr, numpy, …
+    strategy = payload["strategy"]  # FedYogi under adaptive clipping: its moments and its clipping norm
+    assert sorted(strategy) == ["clipping_norm", "m_t", "v_t"] and isinstance(strategy["clipping_norm"], float)
+    assert all(isinstance(v, torch.Tensor) for moments in (strategy["m_t"], strategy["v_t"]) for v in moments.values())
+    assert Checkpoint.load(uninterrupted).round == 3
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    torch.save({**payload, "strategy": Checkpoint}, pickled / "checkpoint.pt")  # a file naming a class
+    with pytest.raises(FedprivError, match="holds more than tensors and plain data"):
+        Checkpoint.load(pickled)

@@ -19,7 +19,8 @@ from fedpriv.data.sources import load_splits
 from fedpriv.devices import backend_device, choose_device
 from fedpriv.errors import FedprivError
 from fedpriv.experiment import prepare, run_experiment
-from fedpriv.federation import RoundOutcome, nodes_with_undelivered_messages
+from fedpriv.federation import RoundOutcome
+from fedpriv.internals import nodes_with_undelivered_messages
 from fedpriv.outputs import RunDirectory
 from fedpriv.privacy.ledger import PrivacyLedger
 from fedpriv.server import initial_weights, run_rounds
@@ -128,7 +129,7 @@ def test_a_hundred_hospitals_ten_per_round_run_end_to_end(tmp_path):
     assert vce_api.add_messages_to_queue.__module__ == vce_api.__name__  # Flower's own again after the run
 
 
-def test_the_engine_asks_only_hospitals_with_an_undelivered_message_in_flowers_order():
+def test_the_engine_asks_only_hospitals_with_an_undelivered_message_in_flowers_order(flower_task):
     """The message sweep that replaces Flower's (which asks all 1000 hospitals every 0.1 s)."""
     def message(node: int, delivered: bool) -> Message:
         msg = Message(RecordDict(), dst_node_id=node, message_type=MessageType.QUERY)

@@ -17,6 +17,7 @@ from timm.models import get_pretrained_cfg
 from torch import nn
 
 from fedpriv.errors import FedprivError
+from fedpriv.internals import timm_hub_weight_files
 from fedpriv.models import build_model, classifier_parameters
 from fedpriv.priors.build import prior_weights
 from fedpriv.settings import ModelSettings, PriorSettings
@@ -59,10 +60,6 @@ def _pretrained(model: ModelSettings, image_size: int) -> dict:
     return build_model(given, image_size, pretrained=True).state_dict()
 
 
-#: The weight files timm reads from a Hugging Face hub repository, in its order of preference.
-_HUB_FILES = ("model.safetensors", "pytorch_model.bin")
-
-
 def _local_pretrained_file(model: ModelSettings) -> str:
     """Where timm's pretrained weights for the model lie on this machine: a file given in
     model.kwargs.pretrained_cfg_overlay, the Hugging Face hub cache, or torch.hub's cache."""
@@ -77,7 +74,7 @@ def _local_pretrained_file(model: ModelSettings) -> str:
     candidates = []
     if cfg.hf_hub_id:
         repo = cfg.hf_hub_id.split("@")[0]
-        candidates += [try_to_load_from_cache(repo, name) for name in _HUB_FILES]
+        candidates += [try_to_load_from_cache(repo, name) for name in timm_hub_weight_files()]
     if cfg.url:
         candidates.append(os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urlparse(cfg.url).path)))
     for candidate in candidates:

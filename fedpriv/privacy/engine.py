@@ -18,6 +18,7 @@ from opacus.utils.batch_memory_manager import BatchMemoryManager
 from torch import nn
 from torch.utils.data import DataLoader
 
+from fedpriv.internals import set_opacus_clip_norm, set_opacus_loss_reduction, unwrap_opacus_module
 from fedpriv.privacy.accounting import History, epsilon_spent
 
 # Opacus' hooks fire on the first layer although images need no gradient: expected, harmless.
@@ -46,13 +47,11 @@ class PrivateSession:
 
     def set_clip_norm(self, max_grad_norm: float) -> None:
         """Clip to `max_grad_norm` from the next physical batch on; the noise of the next
-        step is σ times it (ghost clipping reads the norm from the model)."""
-        self.optimizer.max_grad_norm = max_grad_norm
-        if self.ghost_loss is not None:
-            self.model.max_grad_norm = max_grad_norm
+        step is σ times it."""
+        set_opacus_clip_norm(self.optimizer, self.model, max_grad_norm)
 
     def unwrapped_state(self) -> dict[str, torch.Tensor]:
-        return self.model._module.state_dict()
+        return unwrap_opacus_module(self.model).state_dict()
 
     @contextlib.contextmanager
     def physical_batches(self, max_physical_batch_size: int | None) -> Iterator[DataLoader]:
@@ -88,7 +87,7 @@ def make_private(
     SGD step B× larger under DP).
     """
     engine = PrivacyEngine(accountant="rdp")
-    engine.accountant.history = list(history)
+    engine.accountant.load_state_dict({"history": list(history), "mechanism": engine.accountant.mechanism()})
     wrapped = engine.make_private(
         module=model,
         optimizer=optimizer,
@@ -105,5 +104,5 @@ def make_private(
         private_model, private_optimizer, ghost_loss, private_loader = wrapped
     else:
         (private_model, private_optimizer, private_loader), ghost_loss = wrapped, None
-    private_optimizer.loss_reduction = "mean"  # scale_grad: noisy sum / expected batch size
+    set_opacus_loss_reduction(private_optimizer, "mean")  # noisy sum / expected batch size
     return PrivateSession(private_model, private_optimizer, private_loader, engine, ghost_loss)
