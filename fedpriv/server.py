@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import pickle
@@ -63,19 +64,20 @@ def evaluate(settings: RunSettings, weights: dict, splits: SplitData, test: bool
     attribute, subgroup metrics and gaps on the test split, for the global model, all at the
     decision `threshold` that evaluation.threshold picks on the validation split.
     `test=False`: the validation metrics alone (test, fairness and external keys are None)."""
-    model, batch = global_model(settings, weights), settings.training.eval_batch_size
-    val_scores = predict(model, splits.val, batch)
+    model = global_model(settings, weights)
+    score = functools.partial(predict, model, batch_size=settings.training.eval_batch_size, tta=settings.evaluation.tta)
+    val_scores = score(splits.val)
     threshold = decision_threshold(settings, splits.val.labels, val_scores)
     val = binary_metrics(splits.val.labels, val_scores, threshold)
     if not test:
         return {**dict.fromkeys(val), **{f"val_{k}": v for k, v in val.items()}, "threshold": threshold, "fairness": None, "external": None}
-    scores = predict(model, splits.test, batch)
+    scores = score(splits.test)
     fairness = {
         name: fairness_report(splits.test.labels, scores, subgroup_labels(splits.test.metadata[name], list(edges)), threshold)
         for name, edges in fairness_attributes(settings, splits)
     }
     external = {
-        name: binary_metrics(records.labels, predict(model, records, batch), threshold) for name, records in splits.external.items()
+        name: binary_metrics(records.labels, score(records), threshold) for name, records in splits.external.items()
     }
     return {
         **binary_metrics(splits.test.labels, scores, threshold),
@@ -109,7 +111,7 @@ def final_intervals(settings: RunSettings, weights: dict, splits: SplitData) -> 
     if rounds == 0:
         return {}
     labels = splits.test.labels
-    scores = predict(global_model(settings, weights), splits.test, settings.training.eval_batch_size)
+    scores = predict(global_model(settings, weights), splits.test, settings.training.eval_batch_size, settings.evaluation.tta)
     intervals = {"auroc": bootstrap_interval(labels, scores, auroc, rounds, settings.seed)}
     for name, edges in fairness_attributes(settings, splits):
         groups = subgroup_labels(splits.test.metadata[name], list(edges))

@@ -249,13 +249,16 @@ class EvaluationSettings:
     with the best validation AUROC and touches the test split once, for that model (the ε
     reported is still everything the run spent); `threshold`: the rule that picks each
     evaluated model's decision threshold on the validation split (accuracy, sensitivity,
-    specificity and the fairness gaps are at that threshold; see metrics.choose_threshold)."""
+    specificity and the fairness gaps are at that threshold; see metrics.choose_threshold);
+    `tta`: score each image as the mean logit over its 8 rotations and flips (the dihedral
+    views; for volumes, of each slice plane) — post-processing, no privacy cost."""
 
     bootstrap: int
     max_hospital_subgroups: int
     ema: float | None
     select: str
     threshold: str | float
+    tta: bool = False
 
 
 @dataclass(frozen=True)
