@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from dataclasses import dataclass
 import math
@@ -32,7 +33,7 @@ from fedpriv.privacy.hospital_state import SYNTHETIC_ROUND
 from fedpriv.server import PRETRAINED_FILE, final_intervals, global_model, initial_weights, run_rounds, run_settings_dict
 from fedpriv.synthetic.pool import SyntheticPool
 from fedpriv.synthetic.quality import synthetic_quality, train_on_synthetic
-from fedpriv.synthetic.share import POOL_FILE, SYNTHETIC_DIR, hospital_facts
+from fedpriv.synthetic.share import FIDELITY_FILE, POOL_FILE, SYNTHETIC_DIR, hospital_facts
 from fedpriv.settings import RunSettings, warn_delta
 from fedpriv.privacy.ledger import FEDERATION
 from strategies import build_strategy, central_noise_multiplier, clients_per_round
@@ -258,7 +259,8 @@ def synthetic_summary(settings: RunSettings, run_dir: Path, splits: SplitData, w
         "gan_seconds": {h: f["gan_seconds"] for h, f in facts.items()},
         "gan_seconds_max": max(f["gan_seconds"] for f in facts.values()),
         **quality,
-        "files": {"pool": f"{SYNTHETIC_DIR}/{POOL_FILE}", "generators": f"{SYNTHETIC_DIR}/generator_hospital_<k>.pt",
+        "fidelity": json.loads((folder / FIDELITY_FILE).read_text()),
+        "files": {"pool": f"{SYNTHETIC_DIR}/{POOL_FILE}", "fidelity": f"{SYNTHETIC_DIR}/{FIDELITY_FILE}", "generators": f"{SYNTHETIC_DIR}/generator_hospital_<k>.pt",
                   "samples": f"{SYNTHETIC_DIR}/samples_hospital_<k>.png"},
     }
     if not settings.synthetic.dp:

@@ -9,20 +9,21 @@ import math
 import pickle
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from fedpriv.checkpoint import Checkpoint
 from fedpriv.client import round_seed
-from fedpriv.data.records import SplitData
+from fedpriv.data.records import ImageRecords, SplitData
 from fedpriv.devices import backend_device
 from fedpriv.ema import update_average
 from fedpriv.errors import FedprivError
 from fedpriv.federation import Federation
 from fedpriv.metrics import auroc, binary_metrics, bootstrap_interval, choose_threshold, fairness_report, subgroup_labels
 from fedpriv.models import build_model
-from fedpriv.outputs import RunDirectory, describe_round
+from fedpriv.outputs import RunDirectory, describe_round, write_json
 from fedpriv.priors.start import starting_weights
 from fedpriv.privacy.accounting import epsilon_spent
 from fedpriv.privacy.hospital_state import history_from_metrics
@@ -31,7 +32,9 @@ from fedpriv.privacy.ledger import PrivacyLedger
 from fedpriv.settings import RunSettings
 from fedpriv.training import predict
 from fedpriv.synthetic.quality import train_on_synthetic
-from fedpriv.synthetic.share import SYNTHETIC_DIR, share_synthetic
+from fedpriv.synthetic.fidelity import pool_fidelity, trusted_hospitals
+from fedpriv.synthetic.pool import SyntheticPool
+from fedpriv.synthetic.share import FIDELITY_FILE, SYNTHETIC_DIR, share_synthetic
 from strategies import central_noise_multiplier
 
 #: The global model after synthetic pretraining (synthetic=pretrain), before round 1.
@@ -150,7 +153,7 @@ def run_rounds(
     hospitals = _sync_ledger(ledger, settings, facts)
     unconfirmed: dict[int, int] = {}  # hospital → rounds it failed in since its record was last read
     if settings.synthetic.enabled:
-        weights = _use_synthetic(federation, settings, run, ledger, weights, first_round)
+        weights = _use_synthetic(federation, settings, run, ledger, weights, first_round, splits.val)
     central_sigma = central_noise_multiplier(settings) if settings.privacy.central else None
     for server_round in range(first_round, settings.rounds + 1):
         started = time.perf_counter()
@@ -244,19 +247,47 @@ def _final(weights: dict[str, torch.Tensor], average: dict[str, torch.Tensor] | 
     return average if average is not None else weights
 
 
-def _use_synthetic(federation, settings, run, ledger, weights, first_round: int) -> dict[str, torch.Tensor]:
+def _use_synthetic(federation, settings, run, ledger, weights, first_round: int, val: ImageRecords) -> dict[str, torch.Tensor]:
     """Hospitals train their GANs and the server pools the images (accounted in the ledger);
     `augment` sends the pool with every round, `pretrain` trains the global model on it."""
     shared = share_synthetic(federation, settings, run.path)
     _sync_ledger(ledger, settings, shared.reports)
+    pool = _trusted_pool(settings, run, shared.pool, val)
+    if pool is None:
+        return weights
     if settings.synthetic.name == "augment":
-        federation.share(shared.pool.to_arrays())
+        federation.share(pool.to_arrays())
     elif first_round == 1:
         started = time.perf_counter()
-        weights = train_on_synthetic(settings, weights, shared.pool)
+        weights = train_on_synthetic(settings, weights, pool)
         run.save_weights(weights, PRETRAINED_FILE)  # RUN/synthetic/pretrained.pt
-        log.info("pretrained on %d synthetic images in %.1f s", len(shared.pool), time.perf_counter() - started)
+        log.info("pretrained on %d synthetic images in %.1f s", len(pool), time.perf_counter() - started)
     return weights
+
+
+def _trusted_pool(settings: RunSettings, run: RunDirectory, pool: SyntheticPool, val: ImageRecords) -> SyntheticPool | None:
+    """Score the pool's label fidelity (RUN/synthetic/fidelity.json), flag pools whose labels
+    are at chance or swapped, and keep the hospitals that reach synthetic.min_fidelity; None
+    when none does (the run goes on without synthetic images; what the GANs spent stays spent)."""
+    starting = global_model(settings, initial_weights(settings))
+    scores = pool_fidelity(pool, val, starting, settings.training.eval_batch_size)
+    for name, score in scores.items():
+        if score.verdict != "ok":
+            who = "the pooled images" if name == "pooled" else f"hospital {name}'s synthetic images"
+            what = {"swapped": "swapped", "chance": "to carry no class (at chance)", "one class": "to be of one class only"}
+            log.warning("%s: labels look %s (train-on-synthetic validation AUROC %.3f)", who, what[score.verdict], score.val_auroc)
+    trusted = trusted_hospitals(scores, settings.synthetic.min_fidelity)
+    write_json(
+        Path(run.path) / SYNTHETIC_DIR / FIDELITY_FILE,
+        {"scores": {k: v.to_dict() for k, v in scores.items()}, "min_fidelity": settings.synthetic.min_fidelity, "used_hospitals": trusted},
+    )
+    if not trusted:
+        log.warning(
+            "synthetic.min_fidelity=%s: no hospital's synthetic images reach it; the run goes on without synthetic images",
+            settings.synthetic.min_fidelity,
+        )
+        return None
+    return pool if len(trusted) == len(scores) - 1 else pool.of_hospitals(trusted)
 
 
 def run_settings_dict(settings: RunSettings) -> dict:

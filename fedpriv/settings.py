@@ -283,7 +283,9 @@ class SyntheticSettings:
     classifier's DP-SGD into one ε per hospital — and shares `samples_per_class` images per
     class. `augment` mixes `mix_ratio` synthetic images per real image into local training;
     `pretrain` trains the global model on the pooled images (`train_epochs`, `train_lr`, also
-    the train-on-synthetic quality check) before the DP rounds."""
+    the train-on-synthetic quality check) before the DP rounds. Every pool's label fidelity
+    is scored first (fedpriv.synthetic.fidelity); `min_fidelity` (null = off) leaves out the
+    images of hospitals whose train-on-synthetic validation AUROC is below it."""
 
     name: str
     dp: bool | None = None
@@ -298,6 +300,7 @@ class SyntheticSettings:
     train_epochs: int | None = None
     train_lr: float | None = None
     mix_ratio: float | None = None  # augment only
+    min_fidelity: float | None = None
 
     @property
     def enabled(self) -> bool:
@@ -723,6 +726,10 @@ def _validate_synthetic(s: RunSettings) -> None:
         _require(getattr(g, key) is not None and getattr(g, key) > 0, f"synthetic.{key}={getattr(g, key)!r} must be > 0")
     _require(g.width % 4 == 0, f"synthetic.width={g.width} must be a multiple of 4 (GroupNorm groups)")
     _require(isinstance(g.dp, bool), f"synthetic.dp={g.dp!r} must be true or false")
+    _require(
+        g.min_fidelity is None or (_is_number(g.min_fidelity) and 0 <= g.min_fidelity <= 1),
+        f"synthetic.min_fidelity={g.min_fidelity!r} must be null (off) or a validation AUROC between 0 and 1, e.g. 0.6",
+    )
     if g.name == "augment":
         _require(g.mix_ratio is not None and g.mix_ratio > 0, f"synthetic.mix_ratio={g.mix_ratio!r} must be > 0 (synthetic images per real image)")
     else:
