@@ -34,6 +34,7 @@ from fedpriv.training import predict
 from fedpriv.synthetic.quality import train_on_synthetic
 from fedpriv.synthetic.fidelity import pool_fidelity, trusted_hospitals
 from fedpriv.synthetic.pool import SyntheticPool
+from fedpriv.synthetic.prior import gan_prior
 from fedpriv.synthetic.share import FIDELITY_FILE, SYNTHETIC_DIR, share_synthetic
 from strategies import central_noise_multiplier
 
@@ -250,6 +251,9 @@ def _final(weights: dict[str, torch.Tensor], average: dict[str, torch.Tensor] | 
 def _use_synthetic(federation, settings, run, ledger, weights, first_round: int, val: ImageRecords) -> dict[str, torch.Tensor]:
     """Hospitals train their GANs and the server pools the images (accounted in the ledger);
     `augment` sends the pool with every round, `pretrain` trains the global model on it."""
+    prior = gan_prior(settings)  # computed here once; the hospitals read it from the cache
+    if prior is not None and prior[1] not in ledger.public:
+        ledger.public.append(prior[1])
     shared = share_synthetic(federation, settings, run.path)
     _sync_ledger(ledger, settings, shared.reports)
     pool = _trusted_pool(settings, run, shared.pool, val)

@@ -285,7 +285,9 @@ class SyntheticSettings:
     `pretrain` trains the global model on the pooled images (`train_epochs`, `train_lr`, also
     the train-on-synthetic quality check) before the DP rounds. Every pool's label fidelity
     is scored first (fedpriv.synthetic.fidelity); `min_fidelity` (null = off) leaves out the
-    images of hospitals whose train-on-synthetic validation AUROC is below it."""
+    images of hospitals whose train-on-synthetic validation AUROC is below it. `prior=phantom`
+    starts every hospital's GAN from one trained without DP on public phantom masses for
+    `prior_epochs` (fedpriv.synthetic.prior; ε = 0, cached)."""
 
     name: str
     dp: bool | None = None
@@ -301,6 +303,8 @@ class SyntheticSettings:
     train_lr: float | None = None
     mix_ratio: float | None = None  # augment only
     min_fidelity: float | None = None
+    prior: str = "none"
+    prior_epochs: int | None = None
 
     @property
     def enabled(self) -> bool:
@@ -308,6 +312,7 @@ class SyntheticSettings:
 
 
 SYNTHETIC_MODES = ("none", "augment", "pretrain")
+GAN_PRIORS = ("none", "phantom")
 
 
 @dataclass(frozen=True)
@@ -730,6 +735,12 @@ def _validate_synthetic(s: RunSettings) -> None:
         g.min_fidelity is None or (_is_number(g.min_fidelity) and 0 <= g.min_fidelity <= 1),
         f"synthetic.min_fidelity={g.min_fidelity!r} must be null (off) or a validation AUROC between 0 and 1, e.g. 0.6",
     )
+    _require(g.prior in GAN_PRIORS, f"synthetic.prior={g.prior!r} is unknown; choose one of {', '.join(GAN_PRIORS)}")
+    if g.prior != "none":
+        _require(
+            isinstance(g.prior_epochs, int) and not isinstance(g.prior_epochs, bool) and g.prior_epochs >= 1,
+            f"synthetic.prior_epochs={g.prior_epochs!r} must be an integer ≥ 1 (passes over the phantom images)",
+        )
     if g.name == "augment":
         _require(g.mix_ratio is not None and g.mix_ratio > 0, f"synthetic.mix_ratio={g.mix_ratio!r} must be > 0 (synthetic images per real image)")
     else:

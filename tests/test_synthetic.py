@@ -1,5 +1,6 @@
 """Synthetic data (#5): the conditional GAN, its privacy in the ledger, sharing, quality."""
 
+import dataclasses
 import json
 import math
 
@@ -27,6 +28,7 @@ from fedpriv.synthetic.gan import (
     generate,
     load_generator,
 )
+from fedpriv.synthetic.prior import gan_prior
 from fedpriv.synthetic.fidelity import Fidelity, score_features, trusted_hospitals
 from fedpriv.synthetic.quality import frechet_distance
 from fedpriv.synthetic.sample import main as sample_main
@@ -112,6 +114,8 @@ def test_a_gan_without_dp_has_infinite_epsilon():
         (["synthetic=augment", "synthetic.dp=yes"], "synthetic.dp"),
         (["synthetic=augment", "synthetic.name=sometimes"], "synthetic="),
         (["synthetic=augment", "synthetic.min_fidelity=2"], "synthetic.min_fidelity"),
+        (["synthetic=augment", "synthetic.prior=imagenet"], "synthetic.prior"),
+        (["synthetic=augment", "synthetic.prior=phantom", "synthetic.prior_epochs=0"], "synthetic.prior_epochs"),
     ],
 )
 def test_bad_synthetic_settings_are_named(overrides, named):
@@ -139,6 +143,26 @@ def test_a_hospital_releases_only_generated_images_and_its_generator(tmp_path):
     state = json.loads((tmp_path / "hospital_0.json").read_text())
     assert [s["round"] for s in state["spent"]] == [0]  # recorded before anything left
     assert metrics["epsilon"] == pytest.approx(epsilon_spent([gan_mechanism(settings, len(real)).entry], 1e-5))
+
+
+def test_the_gan_prior_is_public_cached_and_where_every_hospital_gan_starts(tmp_path):
+    settings = make_settings([*TINY, "synthetic=augment", *SHORT_GAN, "synthetic.prior=phantom", "synthetic.prior_epochs=1",
+                              f"prior.cache_dir={tmp_path}"])
+    weights, step = gan_prior(settings)
+    assert step["mechanism"] == "public-gan-prior" and step["epsilon"] == 0.0
+    assert {k.split(".")[0] for k in weights} == {"generator", "discriminator"}
+    again, same_step = gan_prior(settings)
+    assert same_step == step and all(torch.equal(weights[k], again[k]) for k in weights)  # read from the cache
+    wider = make_settings([*TINY, "synthetic=augment", *SHORT_GAN, "synthetic.prior=phantom", "synthetic.prior_epochs=1",
+                           f"prior.cache_dir={tmp_path}", "synthetic.width=32"])
+    assert gan_prior(wider)[1]["cache_key"] != step["cache_key"]  # a setting that shapes the GAN: another prior
+    shard = hospital_shard(settings, 0)
+    still = dataclasses.replace(settings.synthetic, lr=1e-12, epochs=1)  # (Adam's step ≈ lr): the networks stay where they start
+    trained = train_gan(shard, still, False, None, 0, start=weights)
+    for name, value in trained.generator.named_parameters():
+        assert torch.allclose(value, weights[f"generator.{name}"], atol=1e-6), name
+    for name, value in trained.discriminator.named_parameters():
+        assert torch.allclose(value, weights[f"discriminator.{name}"], atol=1e-6), name
 
 
 def test_frechet_distance_is_zero_for_the_same_set_and_grows_with_a_shift():
