@@ -80,7 +80,7 @@ def round_seed(seed: int, server_round: int, hospital: int) -> int:
 
 @dataclass(frozen=True)
 class HospitalTrainer:
-    """The ClientApp's work, as a plain callable (see federation.HospitalTrain).
+    """The ClientApp's work, in plain Python (federation.Hospitals).
 
     `state_dir` stands for each hospital's own disk: its privacy state lives there
     (`hospital_<k>.json`), written before any update leaves the hospital.

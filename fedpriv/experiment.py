@@ -10,6 +10,7 @@ import math
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -22,7 +23,7 @@ from fedpriv.data.sources import load_splits
 from fedpriv.errors import FedprivError
 from fedpriv.metrics import parse_threshold
 from fedpriv.models import build_model
-from fedpriv.federation import build_client_app, build_server_app, check_backend, run_federation
+from fedpriv.federation import Federation, build_client_app, build_server_app, check_backend, run_federation
 from fedpriv.outputs import RunDirectory
 from fedpriv.priors.start import starting_weights
 from fedpriv.privacy.accounting import epsilon_spent
@@ -38,6 +39,9 @@ from fedpriv.settings import RunSettings, warn_delta
 from fedpriv.privacy.ledger import FEDERATION
 from strategies import build_strategy, central_noise_multiplier, clients_per_round
 
+if TYPE_CHECKING:
+    from flwr.serverapp import Grid
+
 log = logging.getLogger(__name__)
 
 #: Where the simulated hospitals keep their own privacy state ("their own disks").
@@ -49,10 +53,14 @@ def run_experiment(
     run_dir: Path,
     on_round: Callable[[dict], None] = lambda line: None,
     on_partition: Callable[[list[dict]], None] = lambda table: None,
+    grid: Grid | None = None,
 ) -> dict:
     """Run the configured federation; write every output into run_dir; return the summary.
 
     `on_partition` sees the partition table before training, `on_round` each metrics line.
+    `grid`: None starts Flower's simulation engine for this run (`fedpriv simulate`); a Grid
+    is the one of a ServerApp Flower already runs (`flwr run`, fedpriv.flower_app), whose
+    nodes are the hospitals.
     """
     started = time.perf_counter()
     with RunDirectory(run_dir).exclusive() as run:  # one writer per run directory, to the end
@@ -75,14 +83,17 @@ def run_experiment(
         def server_main(federation) -> None:
             result["lines"], result["weights"], result["final"] = run_rounds(federation, settings, splits, run, ledger, on_round, checkpoint)
 
-        timeout = settings.faults.client_timeout
-        run_federation(
-            build_server_app(server_main, strategy, settings.num_clients, timeout, settings.privacy.central),
-            build_client_app(trainer, trainer.describe, trainer.synthesize),
-            settings.num_clients,
-            settings.backend,
-            settings.verbose,
-        )
+        federation = (strategy, settings.num_clients, settings.faults.client_timeout, settings.privacy.central)
+        if grid is None:
+            run_federation(
+                build_server_app(server_main, *federation),
+                build_client_app(lambda context: trainer),
+                settings.num_clients,
+                settings.backend,
+                settings.verbose,
+            )
+        else:
+            server_main(Federation(grid, *federation))
         if "lines" not in result:
             raise FedprivError("the simulation stopped before all rounds finished; see the log above")
         lines = result["lines"]
