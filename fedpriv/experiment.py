@@ -25,15 +25,17 @@ from fedpriv.federation import build_client_app, build_server_app, check_backend
 from fedpriv.outputs import RunDirectory
 from fedpriv.priors.start import starting_weights
 from fedpriv.privacy.accounting import epsilon_spent
+from fedpriv.provenance import provenance
 from fedpriv.privacy.plan import classifier_mechanism, gan_mechanism
 from fedpriv.privacy.ledger import PrivacyLedger
 from fedpriv.checkpoint import Checkpoint
 from fedpriv.privacy.hospital_state import SYNTHETIC_ROUND
-from fedpriv.server import PRETRAINED_FILE, final_intervals, global_model, initial_weights, run_rounds, run_settings_dict
+from fedpriv.server import PRETRAINED_FILE, final_intervals, global_model, initial_weights, run_rounds
 from fedpriv.synthetic.pool import SyntheticPool
 from fedpriv.synthetic.quality import synthetic_quality, train_on_synthetic
+from fedpriv.tracking import tracking
 from fedpriv.synthetic.share import POOL_FILE, SYNTHETIC_DIR, hospital_facts
-from fedpriv.settings import RunSettings, warn_delta
+from fedpriv.settings import RunSettings, run_settings_dict, warn_delta
 from fedpriv.privacy.ledger import FEDERATION
 from strategies import build_strategy, central_noise_multiplier, clients_per_round
 
@@ -48,12 +50,16 @@ def run_experiment(
     run_dir: Path,
     on_round: Callable[[dict], None] = lambda line: None,
     on_partition: Callable[[list[dict]], None] = lambda table: None,
+    overrides: list[str] | None = None,
 ) -> dict:
-    """Run the configured federation; write every output into run_dir; return the summary.
+    """Run the configured federation; write every output into run_dir, and report to the
+    tracker of settings.logger; return the summary.
 
-    `on_partition` sees the partition table before training, `on_round` each metrics line.
+    `on_partition` sees the partition table before training, `on_round` each metrics line;
+    `overrides` (the Hydra overrides that made `settings`) go into the summary's provenance.
     """
     started = time.perf_counter()
+    origin = provenance(settings, overrides)
     with RunDirectory(run_dir).exclusive() as run:  # one writer per run directory, to the end
         checkpoint = resume_point(settings, run)
         plan = prepare(settings)
@@ -62,6 +68,7 @@ def run_experiment(
         run.write_json("partition.json", table)
         run.plot_partition(table)
         on_partition(table)
+        resumed_after = None if settings.resume is None else checkpoint.round if checkpoint is not None else 0
         if settings.resume is not None:  # drop lines the kill left without a checkpoint
             run.rewrite_metrics(checkpoint.lines if checkpoint is not None else [])
         if checkpoint is not None:
@@ -70,30 +77,36 @@ def run_experiment(
             ledger = PrivacyLedger(delta=settings.privacy.delta if settings.privacy.delta is not None else 0.0)
         trainer = HospitalTrainer(settings, str(run.path / HOSPITAL_STATE_DIR))
         result: dict = {}
+        with tracking(settings.logger, run.path, run_settings_dict(settings), origin, resumed_after) as tracker:
 
-        def server_main(federation) -> None:
-            result["lines"], result["weights"], result["final"] = run_rounds(federation, settings, splits, run, ledger, on_round, checkpoint)
+            def on_line(line: dict) -> None:
+                tracker.log_round(line)
+                on_round(line)
 
-        timeout = settings.faults.client_timeout
-        run_federation(
-            build_server_app(server_main, strategy, settings.num_clients, timeout, settings.privacy.central),
-            build_client_app(trainer, trainer.describe, trainer.synthesize),
-            settings.num_clients,
-            settings.backend,
-            settings.verbose,
-        )
-        if "lines" not in result:
-            raise FedprivError("the simulation stopped before all rounds finished; see the log above")
-        lines = result["lines"]
-        run.plot_rounds(lines)
-        run.plot_privacy_utility(lines)
-        intervals = final_intervals(settings, result["weights"], splits)
-        summary = make_summary(settings, lines, result["final"], ledger, table, intervals, time.perf_counter() - started, splits.skipped)
-        if settings.synthetic.enabled:
-            summary["synthetic"] = synthetic_summary(settings, run.path, splits, result["weights"])
-        if settings.audit.name == "mia":
-            summary["audit"] = run_audit(settings, result["weights"], splits, shards, summary["privacy"])
-        run.write_json("summary.json", summary)
+            def server_main(federation) -> None:
+                result["lines"], result["weights"], result["final"] = run_rounds(federation, settings, splits, run, ledger, on_line, checkpoint)
+
+            timeout = settings.faults.client_timeout
+            run_federation(
+                build_server_app(server_main, strategy, settings.num_clients, timeout, settings.privacy.central),
+                build_client_app(trainer, trainer.describe, trainer.synthesize),
+                settings.num_clients,
+                settings.backend,
+                settings.verbose,
+            )
+            if "lines" not in result:
+                raise FedprivError("the simulation stopped before all rounds finished; see the log above")
+            lines = result["lines"]
+            run.plot_rounds(lines)
+            run.plot_privacy_utility(lines)
+            intervals = final_intervals(settings, result["weights"], splits)
+            summary = make_summary(settings, lines, result["final"], ledger, table, intervals, time.perf_counter() - started, splits.skipped)
+            if settings.synthetic.enabled:
+                summary["synthetic"] = synthetic_summary(settings, run.path, splits, result["weights"])
+            if settings.audit.name == "mia":
+                summary["audit"] = run_audit(settings, result["weights"], splits, shards, summary["privacy"])
+            summary["provenance"] = origin
+            tracker.log_summary(summary, run.write_json("summary.json", summary))
     return summary
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import pickle
@@ -27,7 +26,7 @@ from fedpriv.privacy.accounting import epsilon_spent
 from fedpriv.privacy.hospital_state import history_from_metrics
 from fedpriv.privacy.plan import classifier_mechanism, fits_budget
 from fedpriv.privacy.ledger import PrivacyLedger
-from fedpriv.settings import RunSettings
+from fedpriv.settings import RunSettings, run_settings_dict
 from fedpriv.training import predict
 from fedpriv.synthetic.quality import train_on_synthetic
 from fedpriv.synthetic.share import SYNTHETIC_DIR, share_synthetic
@@ -255,12 +254,6 @@ def _use_synthetic(federation, settings, run, ledger, weights, first_round: int)
         run.save_weights(weights, PRETRAINED_FILE)  # RUN/synthetic/pretrained.pt
         log.info("pretrained on %d synthetic images in %.1f s", len(shared.pool), time.perf_counter() - started)
     return weights
-
-
-def run_settings_dict(settings: RunSettings) -> dict:
-    """The settings a resumed run must share with the run it continues (what the console
-    shows, `verbose`, may differ)."""
-    return {k: v for k, v in dataclasses.asdict(settings).items() if k not in ("resume", "verbose")}
 
 
 def _sync_ledger(ledger: PrivacyLedger, settings: RunSettings, reports: dict[int, dict]) -> list[int]:
