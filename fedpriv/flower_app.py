@@ -102,7 +102,8 @@ def main(grid: Grid, context: Context) -> None:
                 OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")
             log.info("partition\n%s", render(partition_table(table)))
 
-        summary = run_experiment(settings, run_dir, on_partition=started, grid=grid)
+        overrides = shlex.split(str(context.run_config["overrides"]))
+        summary = run_experiment(settings, run_dir, on_partition=started, grid=grid, overrides=overrides)
     except FedprivError as error:
         log.error("%s", error)
         raise

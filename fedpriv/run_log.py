@@ -15,9 +15,9 @@ from pathlib import Path
 from rich.console import Console, RenderableType
 from rich.logging import RichHandler
 
-#: Libraries whose INFO lines are chatter even in the log file (Flower's state-DB
-#: migrations, matplotlib's unit conversions).
-CHATTY = ("alembic", "matplotlib")
+#: Libraries whose INFO lines are chatter even in the log file (Flower's and MLflow's
+#: state-DB migrations, matplotlib's unit conversions).
+CHATTY = ("alembic", "matplotlib", "mlflow")
 
 log = logging.getLogger("fedpriv")
 

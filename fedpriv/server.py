@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 import math
@@ -29,7 +28,7 @@ from fedpriv.privacy.accounting import epsilon_spent
 from fedpriv.privacy.hospital_state import history_from_metrics
 from fedpriv.privacy.plan import classifier_mechanism, fits_budget
 from fedpriv.privacy.ledger import PrivacyLedger
-from fedpriv.settings import RunSettings
+from fedpriv.settings import RunSettings, run_settings_dict
 from fedpriv.training import predict
 from fedpriv.synthetic.quality import train_on_synthetic
 from fedpriv.synthetic.fidelity import pool_fidelity, trusted_hospitals
@@ -292,12 +291,6 @@ def _trusted_pool(settings: RunSettings, run: RunDirectory, pool: SyntheticPool,
         )
         return None
     return pool if len(trusted) == len(scores) - 1 else pool.of_hospitals(trusted)
-
-
-def run_settings_dict(settings: RunSettings) -> dict:
-    """The settings a resumed run must share with the run it continues (what the console
-    shows, `verbose`, may differ)."""
-    return {k: v for k, v in dataclasses.asdict(settings).items() if k not in ("resume", "verbose")}
 
 
 def _sync_ledger(ledger: PrivacyLedger, settings: RunSettings, reports: dict[int, dict]) -> list[int]:

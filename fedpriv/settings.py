@@ -340,6 +340,19 @@ class BackendSettings:
     address: str | None = None
 
 
+@dataclass(frozen=True, kw_only=True)
+class LoggerSettings:
+    """`logger=none | mlflow | tensorboard` (configs/logger/): the experiment tracker a run
+    also reports to — its config, every metrics line and the summary (fedpriv.tracking).
+    mlflow: the run is filed under `experiment` in the store at `tracking_uri` (null: a
+    SQLite store in the run directory, RUN/mlflow.db); tensorboard: event files in the run
+    directory."""
+
+    name: str
+    experiment: str | None = None  # mlflow
+    tracking_uri: str | None = None  # mlflow
+
+
 @dataclass(frozen=True)
 class RunSettings:
     num_clients: int
@@ -358,8 +371,16 @@ class RunSettings:
     prior: PriorSettings
     faults: FaultSettings
     backend: BackendSettings
+    logger: LoggerSettings
     resume: str | None = None  # a run directory to continue from its last checkpoint
     verbose: bool = False  # the console also shows Flower's and Ray's own output
+
+
+def run_settings_dict(settings: RunSettings) -> dict:
+    """The settings that shape a run's results: what a resumed run must share with the run it
+    continues, and what provenance's config digest covers. Where the run reports (`verbose`,
+    `logger`) and `resume` do not shape them."""
+    return {k: v for k, v in dataclasses.asdict(settings).items() if k not in ("resume", "verbose", "logger")}
 
 
 PRIVACY_MODES = ("none", "local", "central", "local_central")
@@ -373,7 +394,9 @@ LR_SCHEDULES = ("constant", "cosine")
 
 
 #: The groups of settings: each a mapping in the config (`group.key=value`).
-GROUPS = ("data", "model", "privacy", "partition", "strategy", "training", "evaluation", "audit", "synthetic", "faults", "backend")
+GROUPS = (
+    "data", "model", "privacy", "partition", "strategy", "training", "evaluation", "audit", "synthetic", "faults", "backend", "logger",
+)
 
 
 def config_error(error: Exception) -> FedprivError:
@@ -441,6 +464,7 @@ def settings_from_config(cfg: DictConfig) -> RunSettings:
         resume=_optional_str(raw, "resume"),
         verbose=_flag(raw, "verbose"),
         backend=_build(BackendSettings, raw["backend"], "backend"),
+        logger=_build(LoggerSettings, raw["logger"], "logger"),
     )
     validate(settings)
     return settings
@@ -566,6 +590,7 @@ def validate(s: RunSettings) -> None:
         _require(0 <= rate <= 1, f"faults.{key}={rate} must be a probability in [0, 1]")
     _require(f.client_failure_rate + f.client_hang_rate <= 1, "faults.client_failure_rate + faults.client_hang_rate must be at most 1")
     _validate_backend(s.backend)
+    _validate_logger(s.logger)
     _require(s.evaluation.bootstrap >= 0, f"evaluation.bootstrap={s.evaluation.bootstrap} must be >= 0")
     _require(
         s.evaluation.max_hospital_subgroups >= 0,
@@ -658,6 +683,24 @@ def _validate_backend(b: BackendSettings) -> None:
             value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 0),
             f"backend.init_args.{key}={value!r} must be a whole number ≥ 0 (or null: what the machine has)",
         )
+
+
+def _validate_logger(g: LoggerSettings) -> None:
+    """A known tracker whose package is installed (checked without importing it)."""
+    from fedpriv.tracking import LOGGERS, missing_package
+
+    _require(g.name in LOGGERS, f"logger={g.name!r} is unknown; choose one of {LOGGERS}")
+    if g.name == "mlflow":
+        _require(bool(g.experiment), f"logger.experiment={g.experiment!r} must name the MLflow experiment, e.g. logger.experiment=fedpriv")
+        _require(g.tracking_uri is None or bool(g.tracking_uri), "logger.tracking_uri must be a tracking URI (or null: RUN/mlflow.db)")
+    else:
+        for key in ("experiment", "tracking_uri"):
+            _require(getattr(g, key) is None, f"logger.{key} is a setting of logger=mlflow only; drop it")
+    package = missing_package(g.name)
+    _require(
+        package is None,
+        f"logger={g.name} needs the {package} package, which is not installed: pip install 'fedpriv[tracking]' (or use logger=none)",
+    )
 
 
 def _is_number(value: Any) -> bool:
