@@ -92,20 +92,12 @@ def fedpriv_vit_hybrid_tiny(pretrained: bool = False, **kwargs) -> VisionTransfo
     )
 
 
-def dihedral_views(images: torch.Tensor) -> list[torch.Tensor]:
-    """The 8 rotations and flips of each image (of the last two axes: slices of a volume)."""
-    rotations = [torch.rot90(images, k, dims=(-2, -1)) for k in range(4)]
-    return rotations + [view.flip(-1) for view in rotations]
-
-
 class SmallGroupNormCNN(nn.Module):
     """Stem conv16 + 3 blocks of two 3×3 convs (32/64/128) with GroupNorm, pooled to a logit.
     `stem_stride=2` reads full-resolution pixels in the stem and runs the blocks at half the
-    resolution (about the cost of half the image size). `invariant=True` pools the features of
-    the image's 8 rotations and flips (one pass each, so every per-sample gradient stays the
-    example's own): a readout that ignores orientation, for patches that have none."""
+    resolution (about the cost of half the image size)."""
 
-    def __init__(self, in_chans: int = 1, num_classes: int = 1, widths=(32, 64, 128), stem_stride: int = 1, invariant: bool = False):
+    def __init__(self, in_chans: int = 1, num_classes: int = 1, widths=(32, 64, 128), stem_stride: int = 1):
         super().__init__()
         layers, width = [_conv_gn(in_chans, 16, stem_stride)], 16
         for out in widths:
@@ -113,19 +105,13 @@ class SmallGroupNormCNN(nn.Module):
             width = out
         self.features = nn.Sequential(*layers)
         self.head = nn.Linear(width, num_classes)
-        self.invariant = invariant
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """The feature map (B, C, h, w), or under `invariant` one per view: (8, B, C, h, w)."""
-        if self.invariant:
-            return torch.stack([self.features(view) for view in dihedral_views(x)])
         return self.features(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """timm's interface: pooled features (pre_logits) or the logit."""
-        pooled = x.mean(dim=(-2, -1))
-        if pooled.dim() == 3:  # invariant: the mean over the views
-            pooled = pooled.mean(0)
+        pooled = x.mean(dim=(2, 3))
         return pooled if pre_logits else self.head(pooled)
 
     def get_classifier(self) -> nn.Module:

@@ -11,7 +11,6 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from fedpriv.data.records import ImageRecords
-from fedpriv.models import dihedral_views
 from fedpriv.settings import TrainingSettings
 
 
@@ -146,6 +145,12 @@ def _set_empty_grads(model: nn.Module, ghost: bool) -> None:
 def _device_of(model: nn.Module) -> torch.device:
     parameter = next(model.parameters(), None)
     return parameter.device if parameter is not None else torch.device("cpu")
+
+
+def dihedral_views(images: torch.Tensor) -> list[torch.Tensor]:
+    """The 8 rotations and flips of each image (of the last two axes: slices of a volume)."""
+    rotations = [torch.rot90(images, k, dims=(-2, -1)) for k in range(4)]
+    return rotations + [view.flip(-1) for view in rotations]
 
 
 @torch.no_grad()
