@@ -1,10 +1,15 @@
 """Local training pieces run in-process: determinism and FedProx's proximal pull."""
 
+import numpy as np
 import torch
 
 from conftest import TINY, make_settings
 from fedpriv.client import HospitalTrainer
+from fedpriv.data.records import ImageRecords
+from fedpriv.models import build_model
 from fedpriv.server import initial_weights
+from fedpriv.settings import ModelSettings
+from fedpriv.training import dihedral_views, predict
 
 
 def _distance(a, b):
@@ -47,13 +52,6 @@ def test_proximal_pull_keeps_local_weights_near_the_global_model(tmp_path):
 def test_test_time_augmentation_scores_every_rotation_and_flip_of_an_image_alike():
     """evaluation.tta: the mean logit over the 8 dihedral views, so an image and any of its
     rotations/flips get one score; without it they do not."""
-    import numpy as np
-
-    from fedpriv.data.records import ImageRecords
-    from fedpriv.models import build_model
-    from fedpriv.settings import ModelSettings
-    from fedpriv.training import dihedral_views, predict
-
     torch.manual_seed(0)
     model = build_model(ModelSettings("fedpriv_cnn_small", (("widths", (8, 16, 16)),)), 32)
     images = torch.rand(5, 1, 32, 32)
