@@ -37,7 +37,7 @@ from fedpriv.synthetic.pool import SyntheticPool
 from fedpriv.synthetic.quality import synthetic_quality, train_on_synthetic
 from fedpriv.tracking import tracking
 from fedpriv.synthetic.share import FIDELITY_FILE, POOL_FILE, SYNTHETIC_DIR, hospital_facts
-from fedpriv.settings import RunSettings, run_settings_dict, warn_delta
+from fedpriv.settings import RunSettings, changed_settings, run_settings_dict, warn_delta
 from fedpriv.privacy.ledger import FEDERATION
 from strategies import build_strategy, central_noise_multiplier, clients_per_round
 
@@ -195,8 +195,7 @@ def resume_point(settings: RunSettings, run: RunDirectory) -> Checkpoint | None:
         raise FedprivError(f"resume={settings.resume}: that run already finished (summary.json exists)")
     checkpoint = Checkpoint.load(run.path)
     if checkpoint is not None:
-        ours = run_settings_dict(settings)
-        differing = [k for k in ours if ours[k] != checkpoint.settings.get(k)]
+        differing = changed_settings(settings, checkpoint.settings)
         if differing:
             raise FedprivError(
                 f"resume={settings.resume}: the config differs from the run being resumed in {differing[0]!r}; "

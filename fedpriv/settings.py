@@ -383,6 +383,33 @@ def run_settings_dict(settings: RunSettings) -> dict:
     return {k: v for k, v in dataclasses.asdict(settings).items() if k not in ("resume", "verbose", "logger")}
 
 
+def changed_settings(settings: RunSettings, saved: dict) -> list[str]:
+    """The settings (dotted names) in which `settings` differ from a run's saved
+    run_settings_dict. A setting the saved run predates counts as unchanged while it keeps
+    its default, which is how that run behaved: runs started before an upgrade still resume."""
+    changed = []
+    for group, value in run_settings_dict(settings).items():
+        section = getattr(settings, group)
+        if group not in saved:
+            if value != _default(RunSettings, group):
+                changed.append(group)
+        elif isinstance(value, dict) and isinstance(saved[group], dict) and dataclasses.is_dataclass(section):
+            changed += [
+                f"{group}.{key}"
+                for key, v in value.items()
+                if (saved[group][key] != v if key in saved[group] else v != _default(type(section), key))
+            ]
+        elif value != saved[group]:
+            changed.append(group)
+    return changed
+
+
+def _default(kind: type, name: str) -> Any:
+    """A dataclass field's default (a sentinel no value equals when it has none)."""
+    field = next(f for f in dataclasses.fields(kind) if f.name == name)
+    return field.default if field.default is not dataclasses.MISSING else dataclasses.MISSING
+
+
 PRIVACY_MODES = ("none", "local", "central", "local_central")
 #: Opacus' per-sample gradient modes: per-layer hooks, or ghost clipping (norms only, two backward passes).
 GRAD_SAMPLE_MODES = ("hooks", "ghost")

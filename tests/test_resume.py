@@ -1,5 +1,6 @@
 """Kill a run with SIGKILL at any moment, resume it, and get exactly the uninterrupted result."""
 
+import copy
 import json
 import os
 import signal
@@ -12,6 +13,7 @@ import pytest
 from conftest import ROOT, SAMPLED_LOCAL_CENTRAL, make_settings
 from fedpriv.errors import FedprivError
 from fedpriv.experiment import run_experiment
+from fedpriv.settings import changed_settings, run_settings_dict
 
 #: Sampling, central noise, a server optimiser and adaptive clipping: every piece of server
 #: state a checkpoint must carry (see conftest.SAMPLED_LOCAL_CENTRAL).
@@ -124,6 +126,16 @@ def _assert_uninterrupted_result(run_dir, uninterrupted):
     assert summary["privacy"] == whole["privacy"]  # the same ε, record- and client-level
     assert _comparable(_lines(run_dir)) == _comparable(_lines(uninterrupted))
     assert json.loads((run_dir / "ledger.json").read_text()) == json.loads((uninterrupted / "ledger.json").read_text())
+
+
+def test_a_run_saved_before_a_setting_existed_resumes_while_that_setting_keeps_its_default():
+    settings = make_settings(RUN)
+    saved = copy.deepcopy(run_settings_dict(settings))
+    del saved["evaluation"]["tta"]  # a run that predates evaluation.tta behaved as its default
+    assert changed_settings(settings, saved) == []
+    assert changed_settings(make_settings([*RUN, "evaluation.tta=true"]), saved) == ["evaluation.tta"]
+    assert changed_settings(make_settings([*RUN, "seed=5"]), saved) == ["seed"]
+    assert changed_settings(make_settings([*RUN, "training.lr=0.5"]), run_settings_dict(settings)) == ["training.lr"]
 
 
 def test_resume_refuses_another_config_and_a_finished_run(tmp_path, uninterrupted):
