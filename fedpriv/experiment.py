@@ -55,6 +55,7 @@ def run_experiment(
     run_dir: Path,
     on_round: Callable[[dict], None] = lambda line: None,
     on_partition: Callable[[list[dict]], None] = lambda table: None,
+    *,
     grid: Grid | None = None,
     overrides: list[str] | None = None,
 ) -> dict:

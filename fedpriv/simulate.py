@@ -186,7 +186,7 @@ def main(cfg: DictConfig) -> None:
             progress.update(task, advance=1, description="training" if line["round"] < settings.rounds else "final evaluation")
 
         try:
-            summary = run_experiment(settings, run_dir, on_round, on_partition, list(HydraConfig.get().overrides.task))
+            summary = run_experiment(settings, run_dir, on_round, on_partition, overrides=list(HydraConfig.get().overrides.task))
         finally:
             if progress.live.is_started:  # (stopping one never started prints a blank line)
                 progress.stop()
