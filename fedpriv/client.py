@@ -36,6 +36,7 @@ from fedpriv.schedule import StepPlan, follow_clip_schedule, follow_lr_schedule
 from fedpriv.settings import DataSettings, FaultSettings, PartitionSettings, RunSettings, TrainingSettings
 from fedpriv.synthetic.gan import balanced_labels, generate
 from fedpriv.synthetic.pool import SyntheticPool
+from fedpriv.synthetic.prior import gan_prior
 from fedpriv.synthetic.train import train_gan
 from fedpriv.training import RecordDataset, make_optimizer, proximal_pull, train_epochs
 from strategies import UNIFORM_WEIGHT
@@ -79,7 +80,7 @@ def round_seed(seed: int, server_round: int, hospital: int) -> int:
 
 @dataclass(frozen=True)
 class HospitalTrainer:
-    """The ClientApp's work, as a plain callable (see federation.HospitalTrain).
+    """The ClientApp's work, in plain Python (federation.Hospitals).
 
     `state_dir` stands for each hospital's own disk: its privacy state lives there
     (`hospital_<k>.json`), written before any update leaves the hospital.
@@ -115,7 +116,11 @@ class HospitalTrainer:
         seed = self._start(SYNTHETIC_ROUND, hospital)
         shard = hospital_shard(s, hospital)
         mechanism = gan_mechanism(s, len(shard))
-        trained = train_gan(shard, g, s.data.augment, mechanism.noise_multiplier if g.dp else None, seed, backend_device(s.backend))
+        prior = gan_prior(s)
+        trained = train_gan(
+            shard, g, s.data.augment, mechanism.noise_multiplier if g.dp else None, seed, backend_device(s.backend),
+            start=prior[0] if prior is not None else None,
+        )
         if g.dp and sum(n for *_, n in trained.history) != mechanism.steps:
             raise FedprivError(f"hospital {hospital}: Opacus accounted {trained.history} for the GAN, expected {mechanism}")
         labels = balanced_labels(g.samples_per_class)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from dataclasses import dataclass
 import math
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -21,21 +23,26 @@ from fedpriv.data.sources import load_splits
 from fedpriv.errors import FedprivError
 from fedpriv.metrics import parse_threshold
 from fedpriv.models import build_model
-from fedpriv.federation import build_client_app, build_server_app, check_backend, run_federation
+from fedpriv.federation import Federation, build_client_app, build_server_app, check_backend, run_federation
 from fedpriv.outputs import RunDirectory
 from fedpriv.priors.start import starting_weights
 from fedpriv.privacy.accounting import epsilon_spent
+from fedpriv.provenance import provenance
 from fedpriv.privacy.plan import classifier_mechanism, gan_mechanism
 from fedpriv.privacy.ledger import PrivacyLedger
 from fedpriv.checkpoint import Checkpoint
 from fedpriv.privacy.hospital_state import SYNTHETIC_ROUND
-from fedpriv.server import PRETRAINED_FILE, final_intervals, global_model, initial_weights, run_rounds, run_settings_dict
+from fedpriv.server import PRETRAINED_FILE, final_intervals, global_model, initial_weights, run_rounds
 from fedpriv.synthetic.pool import SyntheticPool
 from fedpriv.synthetic.quality import synthetic_quality, train_on_synthetic
-from fedpriv.synthetic.share import POOL_FILE, SYNTHETIC_DIR, hospital_facts
-from fedpriv.settings import RunSettings, warn_delta
+from fedpriv.tracking import tracking
+from fedpriv.synthetic.share import FIDELITY_FILE, POOL_FILE, SYNTHETIC_DIR, hospital_facts
+from fedpriv.settings import RunSettings, changed_settings, run_settings_dict, warn_delta
 from fedpriv.privacy.ledger import FEDERATION
 from strategies import build_strategy, central_noise_multiplier, clients_per_round
+
+if TYPE_CHECKING:
+    from flwr.serverapp import Grid
 
 log = logging.getLogger(__name__)
 
@@ -48,12 +55,21 @@ def run_experiment(
     run_dir: Path,
     on_round: Callable[[dict], None] = lambda line: None,
     on_partition: Callable[[list[dict]], None] = lambda table: None,
+    *,
+    grid: Grid | None = None,
+    overrides: list[str] | None = None,
 ) -> dict:
-    """Run the configured federation; write every output into run_dir; return the summary.
+    """Run the configured federation; write every output into run_dir, and report to the
+    tracker of settings.logger; return the summary.
 
     `on_partition` sees the partition table before training, `on_round` each metrics line.
+    `grid`: None starts Flower's simulation engine for this run (`fedpriv simulate`); a Grid
+    is the one of a ServerApp Flower already runs (`flwr run`, fedpriv.flower_app), whose
+    nodes are the hospitals. `overrides` (the Hydra overrides that made `settings`) go into
+    the summary's provenance.
     """
     started = time.perf_counter()
+    origin = provenance(settings, overrides)
     with RunDirectory(run_dir).exclusive() as run:  # one writer per run directory, to the end
         checkpoint = resume_point(settings, run)
         plan = prepare(settings)
@@ -62,6 +78,7 @@ def run_experiment(
         run.write_json("partition.json", table)
         run.plot_partition(table)
         on_partition(table)
+        resumed_after = None if settings.resume is None else checkpoint.round if checkpoint is not None else 0
         if settings.resume is not None:  # drop lines the kill left without a checkpoint
             run.rewrite_metrics(checkpoint.lines if checkpoint is not None else [])
         if checkpoint is not None:
@@ -70,30 +87,39 @@ def run_experiment(
             ledger = PrivacyLedger(delta=settings.privacy.delta if settings.privacy.delta is not None else 0.0)
         trainer = HospitalTrainer(settings, str(run.path / HOSPITAL_STATE_DIR))
         result: dict = {}
+        with tracking(settings.logger, run.path, run_settings_dict(settings), origin, resumed_after) as tracker:
 
-        def server_main(federation) -> None:
-            result["lines"], result["weights"], result["final"] = run_rounds(federation, settings, splits, run, ledger, on_round, checkpoint)
+            def on_line(line: dict) -> None:
+                tracker.log_round(line)
+                on_round(line)
 
-        timeout = settings.faults.client_timeout
-        run_federation(
-            build_server_app(server_main, strategy, settings.num_clients, timeout, settings.privacy.central),
-            build_client_app(trainer, trainer.describe, trainer.synthesize),
-            settings.num_clients,
-            settings.backend,
-            settings.verbose,
-        )
-        if "lines" not in result:
-            raise FedprivError("the simulation stopped before all rounds finished; see the log above")
-        lines = result["lines"]
-        run.plot_rounds(lines)
-        run.plot_privacy_utility(lines)
-        intervals = final_intervals(settings, result["weights"], splits)
-        summary = make_summary(settings, lines, result["final"], ledger, table, intervals, time.perf_counter() - started, splits.skipped)
-        if settings.synthetic.enabled:
-            summary["synthetic"] = synthetic_summary(settings, run.path, splits, result["weights"])
-        if settings.audit.name == "mia":
-            summary["audit"] = run_audit(settings, result["weights"], splits, shards, summary["privacy"])
-        run.write_json("summary.json", summary)
+            def server_main(federation) -> None:
+                result["lines"], result["weights"], result["final"] = run_rounds(federation, settings, splits, run, ledger, on_line, checkpoint)
+
+            federation = (strategy, settings.num_clients, settings.faults.client_timeout, settings.privacy.central)
+            if grid is None:
+                run_federation(
+                    build_server_app(server_main, *federation),
+                    build_client_app(lambda context: trainer),
+                    settings.num_clients,
+                    settings.backend,
+                    settings.verbose,
+                )
+            else:
+                server_main(Federation(grid, *federation))
+            if "lines" not in result:
+                raise FedprivError("the simulation stopped before all rounds finished; see the log above")
+            lines = result["lines"]
+            run.plot_rounds(lines)
+            run.plot_privacy_utility(lines)
+            intervals = final_intervals(settings, result["weights"], splits)
+            summary = make_summary(settings, lines, result["final"], ledger, table, intervals, time.perf_counter() - started, splits.skipped)
+            if settings.synthetic.enabled:
+                summary["synthetic"] = synthetic_summary(settings, run.path, splits, result["weights"])
+            if settings.audit.name == "mia":
+                summary["audit"] = run_audit(settings, result["weights"], splits, shards, summary["privacy"])
+            summary["provenance"] = origin
+            tracker.log_summary(summary, run.write_json("summary.json", summary))
     return summary
 
 
@@ -170,8 +196,7 @@ def resume_point(settings: RunSettings, run: RunDirectory) -> Checkpoint | None:
         raise FedprivError(f"resume={settings.resume}: that run already finished (summary.json exists)")
     checkpoint = Checkpoint.load(run.path)
     if checkpoint is not None:
-        ours = run_settings_dict(settings)
-        differing = [k for k in ours if ours[k] != checkpoint.settings.get(k)]
+        differing = changed_settings(settings, checkpoint.settings)
         if differing:
             raise FedprivError(
                 f"resume={settings.resume}: the config differs from the run being resumed in {differing[0]!r}; "
@@ -258,7 +283,8 @@ def synthetic_summary(settings: RunSettings, run_dir: Path, splits: SplitData, w
         "gan_seconds": {h: f["gan_seconds"] for h, f in facts.items()},
         "gan_seconds_max": max(f["gan_seconds"] for f in facts.values()),
         **quality,
-        "files": {"pool": f"{SYNTHETIC_DIR}/{POOL_FILE}", "generators": f"{SYNTHETIC_DIR}/generator_hospital_<k>.pt",
+        "fidelity": json.loads((folder / FIDELITY_FILE).read_text()),
+        "files": {"pool": f"{SYNTHETIC_DIR}/{POOL_FILE}", "fidelity": f"{SYNTHETIC_DIR}/{FIDELITY_FILE}", "generators": f"{SYNTHETIC_DIR}/generator_hospital_<k>.pt",
                   "samples": f"{SYNTHETIC_DIR}/samples_hospital_<k>.png"},
     }
     if not settings.synthetic.dp:

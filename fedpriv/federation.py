@@ -1,5 +1,6 @@
 """All Flower and Ray wiring in one place: a change of Flower's public API touches only this
-module (a change of what fedpriv uses of their internals: fedpriv.internals).
+module and fedpriv.flower_app (the `flwr run` entry point, which reads a run's config); a
+change of what fedpriv uses of their internals touches fedpriv.internals.
 
 client.py and server.py work with plain Python (state dicts, dicts of numbers); this module
 turns them into a Flower ClientApp and ServerApp and runs them on Flower's simulation engine
@@ -16,6 +17,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import ray
 import torch
@@ -31,44 +33,54 @@ from fedpriv.settings import BackendSettings
 
 log = logging.getLogger(__name__)
 
-#: Seconds to wait for every hospital to answer a query (workers start up on the first one).
+#: Seconds to wait for every hospital's node to connect, and then to answer a query (workers
+#: start up on the first one).
 DISCOVERY_TIMEOUT = 600.0
 
 StateDict = dict[str, torch.Tensor]
-#: (hospital, global weights, round config, shared synthetic arrays or None) → (new weights, metrics).
-HospitalTrain = Callable[[int, StateDict, dict, StateDict | None], tuple[StateDict, dict]]
-#: hospital → facts it shares about itself (counts and its privacy history, never records).
-HospitalDescribe = Callable[[int], dict]
-#: hospital → (synthetic images, labels and generator as arrays, metrics incl. its privacy history).
-HospitalSynthesize = Callable[[int], tuple[StateDict, dict]]
 #: The ClientApp action that trains a hospital's GAN (message type "train.synthesize").
 SYNTHESIZE = "synthesize"
 
 
-def build_client_app(train: HospitalTrain, describe: HospitalDescribe, synthesize: HospitalSynthesize) -> ClientApp:
-    """A ClientApp whose train handler runs `train` for the hospital of this node (and
-    `synthesize` for the train.synthesize action)."""
+class Hospitals(Protocol):
+    """What a node's ClientApp runs for its hospital (fedpriv.client.HospitalTrainer): plain
+    Python in and out, no Flower types."""
+
+    def __call__(self, hospital: int, weights: StateDict, config: dict, shared: StateDict | None) -> tuple[StateDict, dict]:
+        """Train on the global weights (round config, shared synthetic arrays or None) → (new weights, metrics)."""
+
+    def describe(self, hospital: int) -> dict:
+        """Facts the hospital shares about itself (counts and its privacy history, never records)."""
+
+    def synthesize(self, hospital: int) -> tuple[StateDict, dict]:
+        """Synthetic images, labels and generator as arrays, and metrics incl. its privacy history."""
+
+
+def build_client_app(hospitals_of: Callable[[Context], Hospitals]) -> ClientApp:
+    """A ClientApp that runs, for the hospital of this node (node config `partition-id`),
+    what `hospitals_of(context)` gives: training, the train.synthesize action, and the
+    query that describes the hospital."""
     app = ClientApp()
 
     @app.train()
     def _train(msg: Message, context: Context) -> Message:
         hospital = int(context.node_config["partition-id"])
         shared = msg.content["synthetic"].to_torch_state_dict() if "synthetic" in msg.content else None
-        weights, metrics = train(hospital, msg.content["arrays"].to_torch_state_dict(), dict(msg.content["config"]), shared)
+        weights, metrics = hospitals_of(context)(hospital, msg.content["arrays"].to_torch_state_dict(), dict(msg.content["config"]), shared)
         content = RecordDict({"arrays": ArrayRecord(weights), "metrics": MetricRecord(metrics)})
         return Message(content, reply_to=msg)
 
     @app.train(SYNTHESIZE)
     def _synthesize(msg: Message, context: Context) -> Message:
         hospital = int(context.node_config["partition-id"])
-        arrays, metrics = synthesize(hospital)
+        arrays, metrics = hospitals_of(context).synthesize(hospital)
         content = RecordDict({"arrays": ArrayRecord(arrays), "metrics": MetricRecord({"hospital": hospital, **metrics})})
         return Message(content, reply_to=msg)
 
     @app.query()
     def _describe(msg: Message, context: Context) -> Message:
         hospital = int(context.node_config["partition-id"])
-        facts = {"hospital": hospital, **describe(hospital)}
+        facts = {"hospital": hospital, **hospitals_of(context).describe(hospital)}
         return Message(RecordDict({"metrics": MetricRecord(facts)}), reply_to=msg)
 
     return app
@@ -106,7 +118,7 @@ class Federation:
             if not nodes:
                 return {}
         else:
-            nodes = wait_for_nodes(self.grid, self.num_hospitals)
+            nodes = self.connected_nodes()
             if self.hospital_of_node:  # known nodes: ask them in hospital order
                 nodes = sorted(nodes, key=lambda n: self.hospital_of_node.get(n, n))
         messages = [Message(RecordDict(), message_type=MessageType.QUERY, dst_node_id=n) for n in nodes]
@@ -114,7 +126,7 @@ class Federation:
         # Not the round timeout: the first query also waits for every worker to start up.
         for reply in self.grid.send_and_receive(messages, timeout=max(self.timeout, DISCOVERY_TIMEOUT)):
             if reply.has_error():
-                raise FedprivError(f"a hospital could not load its data: {short_reason(reply.error.reason)}")
+                raise FedprivError(f"a hospital could not start: {short_reason(reply.error.reason)}")
             metrics = dict(reply.content["metrics"])
             hospital = int(metrics.pop("hospital"))
             self.hospital_of_node[reply.metadata.src_node_id] = hospital
@@ -125,6 +137,23 @@ class Federation:
                 "a hospital is hung or its worker died"
             )
         return dict(sorted(facts.items()))
+
+    def connected_nodes(self) -> list[int]:
+        """Every connected node, once there are at least num_hospitals (a simulation's nodes
+        register as it starts; a deployment's SuperNodes connect when their hospitals start
+        them). Fewer after DISCOVERY_TIMEOUT seconds stops the run."""
+        deadline = time.monotonic() + DISCOVERY_TIMEOUT
+        if len(nodes := list(self.grid.get_node_ids())) < self.num_hospitals:
+            log.info("waiting for the nodes of %d hospitals (%d connected)", self.num_hospitals, len(nodes))
+        while len(nodes := list(self.grid.get_node_ids())) < self.num_hospitals:
+            if time.monotonic() > deadline:
+                raise FedprivError(
+                    f"only {len(nodes)} of num_clients={self.num_hospitals} hospitals connected within "
+                    f"{DISCOVERY_TIMEOUT:g} s; start one node per hospital (flwr run: --federation-config "
+                    f"num-supernodes={self.num_hospitals})"
+                )
+            time.sleep(1.0)
+        return nodes
 
     def share(self, arrays: StateDict) -> None:
         """Send these arrays (the pooled synthetic images) with every training message."""
@@ -186,13 +215,6 @@ class Federation:
             arrays, _ = self.strategy.aggregate_train(server_round, good)
             outcome.weights = arrays.to_torch_state_dict() if arrays is not None else None
         return outcome
-
-
-def wait_for_nodes(grid: Grid, count: int) -> list[int]:
-    """The grid's node ids, once at least `count` nodes have connected."""
-    while len(nodes := list(grid.get_node_ids())) < count:
-        time.sleep(1)
-    return nodes
 
 
 class HospitalOrderedGrid:

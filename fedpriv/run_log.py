@@ -15,9 +15,9 @@ from pathlib import Path
 from rich.console import Console, RenderableType
 from rich.logging import RichHandler
 
-#: Libraries whose INFO lines are chatter even in the log file (Flower's state-DB
-#: migrations, matplotlib's unit conversions).
-CHATTY = ("alembic", "matplotlib")
+#: Libraries whose INFO lines are chatter even in the log file (Flower's and MLflow's
+#: state-DB migrations, matplotlib's unit conversions).
+CHATTY = ("alembic", "matplotlib", "mlflow")
 
 log = logging.getLogger("fedpriv")
 
@@ -69,6 +69,26 @@ def log_also_to(path: Path) -> None:
     if hydra_file is not None:
         handler.setFormatter(hydra_file.formatter)
     root.addHandler(handler)
+
+
+#: simulate.log's line format (configs/hydra/job_logging/fedpriv.yaml, Hydra's file handler).
+FILE_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"
+
+
+def configure_flower_run(run_dir: Path) -> None:
+    """Under `flwr run` (fedpriv.flower_app's ServerApp): fedpriv's lines, once each, to
+    stderr, which Flower collects for `flwr run --stream` and `flwr log`, and with Flower's
+    INFO lines to the run directory's simulate.log, as `fedpriv simulate` keeps it."""
+    fedpriv = logging.getLogger("fedpriv")
+    fedpriv.setLevel(logging.INFO)
+    fedpriv.propagate = False  # not again through a root handler (importing Opacus adds one)
+    console = logging.StreamHandler()
+    console.setFormatter(logging.Formatter("%(levelname)s fedpriv: %(message)s"))
+    file = logging.FileHandler(run_dir / "simulate.log")
+    file.setLevel(logging.INFO)
+    file.setFormatter(logging.Formatter(FILE_FORMAT))
+    for logger, handler in ((fedpriv, console), (fedpriv, file), (logging.getLogger("flwr"), file)):
+        logger.addHandler(handler)
 
 
 def render(renderable: RenderableType, width: int = 100) -> str:

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-import dataclasses
+import functools
 import logging
 import math
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
 from fedpriv.checkpoint import Checkpoint
 from fedpriv.client import round_seed
-from fedpriv.data.records import SplitData
+from fedpriv.data.records import ImageRecords, SplitData
 from fedpriv.devices import backend_device
 from fedpriv.ema import update_average
 from fedpriv.errors import FedprivError
@@ -20,16 +21,19 @@ from fedpriv.federation import Federation
 from fedpriv.internals import restore_strategy_state, seed_flower_dp_noise
 from fedpriv.metrics import auroc, binary_metrics, bootstrap_interval, choose_threshold, fairness_report, subgroup_labels
 from fedpriv.models import build_model
-from fedpriv.outputs import RunDirectory, describe_round
+from fedpriv.outputs import RunDirectory, describe_round, write_json
 from fedpriv.priors.start import starting_weights
 from fedpriv.privacy.accounting import epsilon_spent
 from fedpriv.privacy.hospital_state import history_from_metrics
 from fedpriv.privacy.plan import classifier_mechanism, fits_budget
 from fedpriv.privacy.ledger import PrivacyLedger
-from fedpriv.settings import RunSettings
+from fedpriv.settings import RunSettings, run_settings_dict
 from fedpriv.training import predict
 from fedpriv.synthetic.quality import train_on_synthetic
-from fedpriv.synthetic.share import SYNTHETIC_DIR, share_synthetic
+from fedpriv.synthetic.fidelity import pool_fidelity, trusted_hospitals
+from fedpriv.synthetic.pool import SyntheticPool
+from fedpriv.synthetic.prior import gan_prior
+from fedpriv.synthetic.share import FIDELITY_FILE, SYNTHETIC_DIR, share_synthetic
 from strategies import central_noise_multiplier
 
 #: The global model after synthetic pretraining (synthetic=pretrain), before round 1.
@@ -62,19 +66,20 @@ def evaluate(settings: RunSettings, weights: dict, splits: SplitData, test: bool
     attribute, subgroup metrics and gaps on the test split, for the global model, all at the
     decision `threshold` that evaluation.threshold picks on the validation split.
     `test=False`: the validation metrics alone (test, fairness and external keys are None)."""
-    model, batch = global_model(settings, weights), settings.training.eval_batch_size
-    val_scores = predict(model, splits.val, batch)
+    model = global_model(settings, weights)
+    score = functools.partial(predict, model, batch_size=settings.training.eval_batch_size, tta=settings.evaluation.tta)
+    val_scores = score(splits.val)
     threshold = decision_threshold(settings, splits.val.labels, val_scores)
     val = binary_metrics(splits.val.labels, val_scores, threshold)
     if not test:
         return {**dict.fromkeys(val), **{f"val_{k}": v for k, v in val.items()}, "threshold": threshold, "fairness": None, "external": None}
-    scores = predict(model, splits.test, batch)
+    scores = score(splits.test)
     fairness = {
         name: fairness_report(splits.test.labels, scores, subgroup_labels(splits.test.metadata[name], list(edges)), threshold)
         for name, edges in fairness_attributes(settings, splits)
     }
     external = {
-        name: binary_metrics(records.labels, predict(model, records, batch), threshold) for name, records in splits.external.items()
+        name: binary_metrics(records.labels, score(records), threshold) for name, records in splits.external.items()
     }
     return {
         **binary_metrics(splits.test.labels, scores, threshold),
@@ -108,7 +113,7 @@ def final_intervals(settings: RunSettings, weights: dict, splits: SplitData) -> 
     if rounds == 0:
         return {}
     labels = splits.test.labels
-    scores = predict(global_model(settings, weights), splits.test, settings.training.eval_batch_size)
+    scores = predict(global_model(settings, weights), splits.test, settings.training.eval_batch_size, settings.evaluation.tta)
     intervals = {"auroc": bootstrap_interval(labels, scores, auroc, rounds, settings.seed)}
     for name, edges in fairness_attributes(settings, splits):
         groups = subgroup_labels(splits.test.metadata[name], list(edges))
@@ -147,7 +152,7 @@ def run_rounds(
     hospitals = _sync_ledger(ledger, settings, facts)
     unconfirmed: dict[int, int] = {}  # hospital → rounds it failed in since its record was last read
     if settings.synthetic.enabled:
-        weights = _use_synthetic(federation, settings, run, ledger, weights, first_round)
+        weights = _use_synthetic(federation, settings, run, ledger, weights, first_round, splits.val)
     central_sigma = central_noise_multiplier(settings) if settings.privacy.central else None
     for server_round in range(first_round, settings.rounds + 1):
         started = time.perf_counter()
@@ -241,25 +246,50 @@ def _final(weights: dict[str, torch.Tensor], average: dict[str, torch.Tensor] | 
     return average if average is not None else weights
 
 
-def _use_synthetic(federation, settings, run, ledger, weights, first_round: int) -> dict[str, torch.Tensor]:
+def _use_synthetic(federation, settings, run, ledger, weights, first_round: int, val: ImageRecords) -> dict[str, torch.Tensor]:
     """Hospitals train their GANs and the server pools the images (accounted in the ledger);
     `augment` sends the pool with every round, `pretrain` trains the global model on it."""
+    prior = gan_prior(settings)  # computed here once; the hospitals read it from the cache
+    if prior is not None and prior[1] not in ledger.public:
+        ledger.public.append(prior[1])
     shared = share_synthetic(federation, settings, run.path)
     _sync_ledger(ledger, settings, shared.reports)
+    pool = _trusted_pool(settings, run, shared.pool, val)
+    if pool is None:
+        return weights
     if settings.synthetic.name == "augment":
-        federation.share(shared.pool.to_arrays())
+        federation.share(pool.to_arrays())
     elif first_round == 1:
         started = time.perf_counter()
-        weights = train_on_synthetic(settings, weights, shared.pool)
+        weights = train_on_synthetic(settings, weights, pool)
         run.save_weights(weights, PRETRAINED_FILE)  # RUN/synthetic/pretrained.pt
-        log.info("pretrained on %d synthetic images in %.1f s", len(shared.pool), time.perf_counter() - started)
+        log.info("pretrained on %d synthetic images in %.1f s", len(pool), time.perf_counter() - started)
     return weights
 
 
-def run_settings_dict(settings: RunSettings) -> dict:
-    """The settings a resumed run must share with the run it continues (what the console
-    shows, `verbose`, may differ)."""
-    return {k: v for k, v in dataclasses.asdict(settings).items() if k not in ("resume", "verbose")}
+def _trusted_pool(settings: RunSettings, run: RunDirectory, pool: SyntheticPool, val: ImageRecords) -> SyntheticPool | None:
+    """Score the pool's label fidelity (RUN/synthetic/fidelity.json), flag pools whose labels
+    are at chance or swapped, and keep the hospitals that reach synthetic.min_fidelity; None
+    when none does (the run goes on without synthetic images; what the GANs spent stays spent)."""
+    starting = global_model(settings, initial_weights(settings))
+    scores = pool_fidelity(pool, val, starting, settings.training.eval_batch_size)
+    for name, score in scores.items():
+        if score.verdict != "ok":
+            who = "the pooled images" if name == "pooled" else f"hospital {name}'s synthetic images"
+            what = {"swapped": "swapped", "chance": "to carry no class (at chance)", "one class": "to be of one class only"}
+            log.warning("%s: labels look %s (train-on-synthetic validation AUROC %.3f)", who, what[score.verdict], score.val_auroc)
+    trusted = trusted_hospitals(scores, settings.synthetic.min_fidelity)
+    write_json(
+        Path(run.path) / SYNTHETIC_DIR / FIDELITY_FILE,
+        {"scores": {k: v.to_dict() for k, v in scores.items()}, "min_fidelity": settings.synthetic.min_fidelity, "used_hospitals": trusted},
+    )
+    if not trusted:
+        log.warning(
+            "synthetic.min_fidelity=%s: no hospital's synthetic images reach it; the run goes on without synthetic images",
+            settings.synthetic.min_fidelity,
+        )
+        return None
+    return pool if len(trusted) == len(scores) - 1 else pool.of_hospitals(trusted)
 
 
 def _sync_ledger(ledger: PrivacyLedger, settings: RunSettings, reports: dict[int, dict]) -> list[int]:

@@ -249,13 +249,16 @@ class EvaluationSettings:
     with the best validation AUROC and touches the test split once, for that model (the ε
     reported is still everything the run spent); `threshold`: the rule that picks each
     evaluated model's decision threshold on the validation split (accuracy, sensitivity,
-    specificity and the fairness gaps are at that threshold; see metrics.choose_threshold)."""
+    specificity and the fairness gaps are at that threshold; see metrics.choose_threshold);
+    `tta`: score each image as the mean logit over its 8 rotations and flips (the dihedral
+    views; for volumes, of each slice plane) — post-processing, no privacy cost."""
 
     bootstrap: int
     max_hospital_subgroups: int
     ema: float | None
     select: str
     threshold: str | float
+    tta: bool = False
 
 
 @dataclass(frozen=True)
@@ -280,7 +283,11 @@ class SyntheticSettings:
     classifier's DP-SGD into one ε per hospital — and shares `samples_per_class` images per
     class. `augment` mixes `mix_ratio` synthetic images per real image into local training;
     `pretrain` trains the global model on the pooled images (`train_epochs`, `train_lr`, also
-    the train-on-synthetic quality check) before the DP rounds."""
+    the train-on-synthetic quality check) before the DP rounds. Every pool's label fidelity
+    is scored first (fedpriv.synthetic.fidelity); `min_fidelity` (null = off) leaves out the
+    images of hospitals whose train-on-synthetic validation AUROC is below it. `prior=phantom`
+    starts every hospital's GAN from one trained without DP on public phantom masses for
+    `prior_epochs` (fedpriv.synthetic.prior; ε = 0, cached)."""
 
     name: str
     dp: bool | None = None
@@ -295,6 +302,9 @@ class SyntheticSettings:
     train_epochs: int | None = None
     train_lr: float | None = None
     mix_ratio: float | None = None  # augment only
+    min_fidelity: float | None = None
+    prior: str = "none"
+    prior_epochs: int | None = None
 
     @property
     def enabled(self) -> bool:
@@ -302,6 +312,7 @@ class SyntheticSettings:
 
 
 SYNTHETIC_MODES = ("none", "augment", "pretrain")
+GAN_PRIORS = ("none", "phantom")
 
 
 @dataclass(frozen=True)
@@ -329,6 +340,19 @@ class BackendSettings:
     address: str | None = None
 
 
+@dataclass(frozen=True, kw_only=True)
+class LoggerSettings:
+    """`logger=none | mlflow | tensorboard` (configs/logger/): the experiment tracker a run
+    also reports to — its config, every metrics line and the summary (fedpriv.tracking).
+    mlflow: the run is filed under `experiment` in the store at `tracking_uri` (null: a
+    SQLite store in the run directory, RUN/mlflow.db); tensorboard: event files in the run
+    directory."""
+
+    name: str
+    experiment: str | None = None  # mlflow
+    tracking_uri: str | None = None  # mlflow
+
+
 @dataclass(frozen=True)
 class RunSettings:
     num_clients: int
@@ -347,8 +371,43 @@ class RunSettings:
     prior: PriorSettings
     faults: FaultSettings
     backend: BackendSettings
+    logger: LoggerSettings
     resume: str | None = None  # a run directory to continue from its last checkpoint
     verbose: bool = False  # the console also shows Flower's and Ray's own output
+
+
+def run_settings_dict(settings: RunSettings) -> dict:
+    """The settings that shape a run's results: what a resumed run must share with the run it
+    continues, and what provenance's config digest covers. Where the run reports (`verbose`,
+    `logger`) and `resume` do not shape them."""
+    return {k: v for k, v in dataclasses.asdict(settings).items() if k not in ("resume", "verbose", "logger")}
+
+
+def changed_settings(settings: RunSettings, saved: dict) -> list[str]:
+    """The settings (dotted names) in which `settings` differ from a run's saved
+    run_settings_dict. A setting the saved run predates counts as unchanged while it keeps
+    its default, which is how that run behaved: runs started before an upgrade still resume."""
+    changed = []
+    for group, value in run_settings_dict(settings).items():
+        section = getattr(settings, group)
+        if group not in saved:
+            if value != _default(RunSettings, group):
+                changed.append(group)
+        elif isinstance(value, dict) and isinstance(saved[group], dict) and dataclasses.is_dataclass(section):
+            changed += [
+                f"{group}.{key}"
+                for key, v in value.items()
+                if (saved[group][key] != v if key in saved[group] else v != _default(type(section), key))
+            ]
+        elif value != saved[group]:
+            changed.append(group)
+    return changed
+
+
+def _default(kind: type, name: str) -> Any:
+    """A dataclass field's default (a sentinel no value equals when it has none)."""
+    field = next(f for f in dataclasses.fields(kind) if f.name == name)
+    return field.default if field.default is not dataclasses.MISSING else dataclasses.MISSING
 
 
 PRIVACY_MODES = ("none", "local", "central", "local_central")
@@ -362,7 +421,9 @@ LR_SCHEDULES = ("constant", "cosine")
 
 
 #: The groups of settings: each a mapping in the config (`group.key=value`).
-GROUPS = ("data", "model", "privacy", "partition", "strategy", "training", "evaluation", "audit", "synthetic", "faults", "backend")
+GROUPS = (
+    "data", "model", "privacy", "partition", "strategy", "training", "evaluation", "audit", "synthetic", "faults", "backend", "logger",
+)
 
 
 def config_error(error: Exception) -> FedprivError:
@@ -430,6 +491,7 @@ def settings_from_config(cfg: DictConfig) -> RunSettings:
         resume=_optional_str(raw, "resume"),
         verbose=_flag(raw, "verbose"),
         backend=_build(BackendSettings, raw["backend"], "backend"),
+        logger=_build(LoggerSettings, raw["logger"], "logger"),
     )
     validate(settings)
     return settings
@@ -555,6 +617,7 @@ def validate(s: RunSettings) -> None:
         _require(0 <= rate <= 1, f"faults.{key}={rate} must be a probability in [0, 1]")
     _require(f.client_failure_rate + f.client_hang_rate <= 1, "faults.client_failure_rate + faults.client_hang_rate must be at most 1")
     _validate_backend(s.backend)
+    _validate_logger(s.logger)
     _require(s.evaluation.bootstrap >= 0, f"evaluation.bootstrap={s.evaluation.bootstrap} must be >= 0")
     _require(
         s.evaluation.max_hospital_subgroups >= 0,
@@ -649,6 +712,24 @@ def _validate_backend(b: BackendSettings) -> None:
         )
 
 
+def _validate_logger(g: LoggerSettings) -> None:
+    """A known tracker whose package is installed (checked without importing it)."""
+    from fedpriv.tracking import LOGGERS, missing_package
+
+    _require(g.name in LOGGERS, f"logger={g.name!r} is unknown; choose one of {LOGGERS}")
+    if g.name == "mlflow":
+        _require(bool(g.experiment), f"logger.experiment={g.experiment!r} must name the MLflow experiment, e.g. logger.experiment=fedpriv")
+        _require(g.tracking_uri is None or bool(g.tracking_uri), "logger.tracking_uri must be a tracking URI (or null: RUN/mlflow.db)")
+    else:
+        for key in ("experiment", "tracking_uri"):
+            _require(getattr(g, key) is None, f"logger.{key} is a setting of logger=mlflow only; drop it")
+    package = missing_package(g.name)
+    _require(
+        package is None,
+        f"logger={g.name} needs the {package} package, which is not installed: pip install 'fedpriv[tracking]' (or use logger=none)",
+    )
+
+
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
@@ -720,6 +801,16 @@ def _validate_synthetic(s: RunSettings) -> None:
         _require(getattr(g, key) is not None and getattr(g, key) > 0, f"synthetic.{key}={getattr(g, key)!r} must be > 0")
     _require(g.width % 4 == 0, f"synthetic.width={g.width} must be a multiple of 4 (GroupNorm groups)")
     _require(isinstance(g.dp, bool), f"synthetic.dp={g.dp!r} must be true or false")
+    _require(
+        g.min_fidelity is None or (_is_number(g.min_fidelity) and 0 <= g.min_fidelity <= 1),
+        f"synthetic.min_fidelity={g.min_fidelity!r} must be null (off) or a validation AUROC between 0 and 1, e.g. 0.6",
+    )
+    _require(g.prior in GAN_PRIORS, f"synthetic.prior={g.prior!r} is unknown; choose one of {', '.join(GAN_PRIORS)}")
+    if g.prior != "none":
+        _require(
+            isinstance(g.prior_epochs, int) and not isinstance(g.prior_epochs, bool) and g.prior_epochs >= 1,
+            f"synthetic.prior_epochs={g.prior_epochs!r} must be an integer ≥ 1 (passes over the phantom images)",
+        )
     if g.name == "augment":
         _require(g.mix_ratio is not None and g.mix_ratio > 0, f"synthetic.mix_ratio={g.mix_ratio!r} must be > 0 (synthetic images per real image)")
     else:

@@ -134,6 +134,9 @@ def resumed_config(cfg: DictConfig, overrides: list[str]) -> DictConfig:
     if others:
         raise FedprivError(f"resume continues a run with its own config; drop the other overrides ({others[0]})")
     original = OmegaConf.load(saved)
+    for group in cfg:  # a group that run predates (its config lacks it): today's default, as that run behaved
+        if group not in original:
+            original[group] = cfg[group]
     original.resume = cfg.resume
     return original
 
@@ -183,7 +186,7 @@ def main(cfg: DictConfig) -> None:
             progress.update(task, advance=1, description="training" if line["round"] < settings.rounds else "final evaluation")
 
         try:
-            summary = run_experiment(settings, run_dir, on_round, on_partition)
+            summary = run_experiment(settings, run_dir, on_round, on_partition, overrides=list(HydraConfig.get().overrides.task))
         finally:
             if progress.live.is_started:  # (stopping one never started prints a blank line)
                 progress.stop()

@@ -126,11 +126,23 @@ def _device_of(model: nn.Module) -> torch.device:
     return parameter.device if parameter is not None else torch.device("cpu")
 
 
+def dihedral_views(images: torch.Tensor) -> list[torch.Tensor]:
+    """The 8 rotations and flips of each image (of the last two axes: slices of a volume)."""
+    rotations = [torch.rot90(images, k, dims=(-2, -1)) for k in range(4)]
+    return rotations + [view.flip(-1) for view in rotations]
+
+
 @torch.no_grad()
-def predict(model: nn.Module, records: ImageRecords, batch_size: int) -> np.ndarray:
-    """Malignancy probabilities for every record (computed on the model's device)."""
+def predict(model: nn.Module, records: ImageRecords, batch_size: int, tta: bool = False) -> np.ndarray:
+    """Malignancy probabilities for every record (computed on the model's device); `tta`:
+    from the mean logit over the image's 8 dihedral views."""
     model.eval()
     device = _device_of(model)
     loader = DataLoader(RecordDataset(records, augment=False), batch_size=batch_size)
-    scores = [torch.sigmoid(model(images.to(device)).reshape(-1)) for images, _ in loader]
+
+    def logits(images: torch.Tensor) -> torch.Tensor:
+        views = dihedral_views(images) if tta else [images]
+        return torch.stack([model(view).reshape(-1) for view in views]).mean(0)
+
+    scores = [torch.sigmoid(logits(images.to(device))) for images, _ in loader]
     return torch.cat(scores).cpu().numpy() if scores else np.zeros(0)

@@ -26,6 +26,7 @@ GROUPS = {
     "strategy": ["fedavg", "fedprox", "fedadam", "fedyogi"],
     "model": ["vit_hybrid_tiny", "cnn_small", "cnn3d_small"],
     "audit": ["none", "mia"],
+    "logger": ["none", "mlflow", "tensorboard"],
 }
 #: Small enough that a config that validates can also be prepared (data generated, partitioned).
 SMALL = ["data.num_patients=40", "data.image_size=16"]

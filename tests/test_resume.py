@@ -1,5 +1,6 @@
 """Kill a run with SIGKILL at any moment, resume it, and get exactly the uninterrupted result."""
 
+import copy
 import json
 import os
 import pickletools
@@ -12,10 +13,14 @@ import zipfile
 import pytest
 import torch
 
-from conftest import ROOT, SAMPLED_LOCAL_CENTRAL, make_settings
+from omegaconf import OmegaConf
+
+from conftest import ROOT, SAMPLED_LOCAL_CENTRAL, compose_config, make_settings
 from fedpriv.checkpoint import Checkpoint
 from fedpriv.errors import FedprivError
 from fedpriv.experiment import run_experiment
+from fedpriv.settings import changed_settings, run_settings_dict, settings_from_config
+from fedpriv.simulate import resumed_config
 
 #: Sampling, central noise, a server optimiser and adaptive clipping: every piece of server
 #: state a checkpoint must carry (see conftest.SAMPLED_LOCAL_CENTRAL).
@@ -128,6 +133,26 @@ def _assert_uninterrupted_result(run_dir, uninterrupted):
     assert summary["privacy"] == whole["privacy"]  # the same ε, record- and client-level
     assert _comparable(_lines(run_dir)) == _comparable(_lines(uninterrupted))
     assert json.loads((run_dir / "ledger.json").read_text()) == json.loads((uninterrupted / "ledger.json").read_text())
+
+
+def test_a_run_saved_before_a_setting_existed_resumes_while_that_setting_keeps_its_default():
+    settings = make_settings(RUN)
+    saved = copy.deepcopy(run_settings_dict(settings))
+    del saved["evaluation"]["tta"]  # a run that predates evaluation.tta behaved as its default
+    assert changed_settings(settings, saved) == []
+    assert changed_settings(make_settings([*RUN, "evaluation.tta=true"]), saved) == ["evaluation.tta"]
+    assert changed_settings(make_settings([*RUN, "seed=5"]), saved) == ["seed"]
+    assert changed_settings(make_settings([*RUN, "training.lr=0.5"]), run_settings_dict(settings)) == ["training.lr"]
+
+
+def test_a_run_whose_config_predates_a_settings_group_resumes_with_its_default(tmp_path):
+    old = OmegaConf.to_container(compose_config(RUN))
+    del old["logger"]  # a group added after that run started
+    (tmp_path / ".hydra").mkdir()
+    OmegaConf.save(OmegaConf.create(old), tmp_path / ".hydra" / "config.yaml")
+    resumed = settings_from_config(resumed_config(compose_config([f"resume={tmp_path}"]), [f"resume={tmp_path}"]))
+    assert resumed.logger == make_settings(RUN).logger and resumed.resume == str(tmp_path)
+    assert changed_settings(resumed, run_settings_dict(make_settings(RUN))) == []
 
 
 def test_resume_refuses_another_config_and_a_finished_run(tmp_path, uninterrupted):

@@ -1,5 +1,6 @@
 """Synthetic data (#5): the conditional GAN, its privacy in the ledger, sharing, quality."""
 
+import dataclasses
 import json
 import math
 
@@ -27,6 +28,8 @@ from fedpriv.synthetic.gan import (
     generate,
     load_generator,
 )
+from fedpriv.synthetic.prior import gan_prior
+from fedpriv.synthetic.fidelity import Fidelity, score_features, trusted_hospitals
 from fedpriv.synthetic.quality import frechet_distance
 from fedpriv.synthetic.sample import main as sample_main
 from fedpriv.synthetic.train import train_gan
@@ -110,6 +113,9 @@ def test_a_gan_without_dp_has_infinite_epsilon():
         (["synthetic=augment", "data=phantom_ct", "model=cnn3d_small"], "volumes"),
         (["synthetic=augment", "synthetic.dp=yes"], "synthetic.dp"),
         (["synthetic=augment", "synthetic.name=sometimes"], "synthetic="),
+        (["synthetic=augment", "synthetic.min_fidelity=2"], "synthetic.min_fidelity"),
+        (["synthetic=augment", "synthetic.prior=imagenet"], "synthetic.prior"),
+        (["synthetic=augment", "synthetic.prior=phantom", "synthetic.prior_epochs=0"], "synthetic.prior_epochs"),
     ],
 )
 def test_bad_synthetic_settings_are_named(overrides, named):
@@ -139,12 +145,59 @@ def test_a_hospital_releases_only_generated_images_and_its_generator(tmp_path):
     assert metrics["epsilon"] == pytest.approx(epsilon_spent([gan_mechanism(settings, len(real)).entry], 1e-5))
 
 
+def test_the_gan_prior_is_public_cached_and_where_every_hospital_gan_starts(tmp_path):
+    settings = make_settings([*TINY, "synthetic=augment", *SHORT_GAN, "synthetic.prior=phantom", "synthetic.prior_epochs=1",
+                              f"prior.cache_dir={tmp_path}"])
+    weights, step = gan_prior(settings)
+    assert step["mechanism"] == "public-gan-prior" and step["epsilon"] == 0.0
+    assert {k.split(".")[0] for k in weights} == {"generator", "discriminator"}
+    again, same_step = gan_prior(settings)
+    assert same_step == step and all(torch.equal(weights[k], again[k]) for k in weights)  # read from the cache
+    wider = make_settings([*TINY, "synthetic=augment", *SHORT_GAN, "synthetic.prior=phantom", "synthetic.prior_epochs=1",
+                           f"prior.cache_dir={tmp_path}", "synthetic.width=32"])
+    assert gan_prior(wider)[1]["cache_key"] != step["cache_key"]  # a setting that shapes the GAN: another prior
+    shard = hospital_shard(settings, 0)
+    still = dataclasses.replace(settings.synthetic, lr=1e-12, epochs=1)  # (Adam's step ≈ lr): the networks stay where they start
+    trained = train_gan(shard, still, False, None, 0, start=weights)
+    for name, value in trained.generator.named_parameters():
+        assert torch.allclose(value, weights[f"generator.{name}"], atol=1e-6), name
+    for name, value in trained.discriminator.named_parameters():
+        assert torch.allclose(value, weights[f"discriminator.{name}"], atol=1e-6), name
+
+
 def test_frechet_distance_is_zero_for_the_same_set_and_grows_with_a_shift():
     rng = np.random.default_rng(0)
     a = rng.normal(size=(400, 5))
     assert frechet_distance(a, a) == pytest.approx(0, abs=1e-6)
     assert frechet_distance(a, a + 1.0) == pytest.approx(5.0, rel=0.01)  # ‖Δμ‖² = 5
     assert frechet_distance(a, rng.normal(size=(400, 5))) < frechet_distance(a, a * 3)
+
+
+def _labelled_features(rng, n, shift=1.5):
+    labels = np.arange(n) % 2
+    return rng.normal(size=(n, 8)) + shift * labels[:, None] * np.eye(8)[0], labels
+
+
+def test_fidelity_tells_faithful_swapped_and_meaningless_labels_apart():
+    rng = np.random.default_rng(0)
+    synthetic, labels = _labelled_features(rng, 200)
+    val, val_labels = _labelled_features(rng, 200)
+    faithful = score_features(synthetic, labels, val, val_labels)
+    swapped = score_features(synthetic, 1 - labels, val, val_labels)
+    meaningless = score_features(synthetic, rng.permutation(labels), val, val_labels)
+    assert faithful.verdict == "ok" and faithful.val_auroc > 0.8 and faithful.separability > 0.8
+    assert swapped.verdict == "swapped" and swapped.val_auroc < 0.2 and swapped.separability > 0.8  # distinct, misnamed
+    assert meaningless.separability < 0.65 and abs(meaningless.val_auroc - 0.5) < 0.25
+    one_class = score_features(synthetic[labels == 1], labels[labels == 1], val, val_labels)
+    assert math.isnan(one_class.val_auroc) and one_class.verdict == "one class"
+
+
+def test_min_fidelity_keeps_only_the_hospitals_that_reach_it():
+    scores = {"0": Fidelity(0.71, 0.9, 40), "1": Fidelity(0.52, 0.6, 40), "2": Fidelity(float("nan"), float("nan"), 20),
+              "pooled": Fidelity(0.6, 0.7, 100)}
+    assert trusted_hospitals(scores, None) == [0, 1, 2]
+    assert trusted_hospitals(scores, 0.6) == [0]
+    assert trusted_hospitals(scores, 0.9) == []
 
 
 @pytest.fixture(scope="module")
@@ -182,6 +235,11 @@ def test_augment_run_reports_quality_and_writes_samples_generators_and_pool(augm
         assert grid.size[0] > 100
         assert (run_dir / "synthetic" / f"generator_hospital_{h}.pt").stat().st_size > 0
     assert json.loads((run_dir / "summary.json").read_text())["synthetic"]["images"] == 80
+    fidelity = block["fidelity"]
+    assert set(fidelity["scores"]) == {"0", "1", "pooled"} and fidelity["used_hospitals"] == [0, 1]
+    for score in fidelity["scores"].values():
+        assert score["verdict"] in ("ok", "chance", "swapped", "one class") and score["images"] > 0
+        assert score["val_auroc"] is None or 0 <= score["val_auroc"] <= 1
 
 
 def test_sampling_command_writes_an_image_folder_the_data_sources_read(augment_run, tmp_path):

@@ -1,10 +1,15 @@
 """Local training pieces run in-process: determinism and FedProx's proximal pull."""
 
+import numpy as np
 import torch
 
 from conftest import TINY, make_settings
 from fedpriv.client import HospitalTrainer
+from fedpriv.data.records import ImageRecords
+from fedpriv.models import build_model
 from fedpriv.server import initial_weights
+from fedpriv.settings import ModelSettings
+from fedpriv.training import dihedral_views, predict
 
 
 def _distance(a, b):
@@ -42,3 +47,20 @@ def test_proximal_pull_keeps_local_weights_near_the_global_model(tmp_path):
     pulled, _ = trainer(0, start, {"server-round": 1, "proximal-mu": 50.0})
     assert _distance(pulled, start) < 0.8 * _distance(free, start)
 
+
+
+def test_test_time_augmentation_scores_every_rotation_and_flip_of_an_image_alike():
+    """evaluation.tta: the mean logit over the 8 dihedral views, so an image and any of its
+    rotations/flips get one score; without it they do not."""
+    torch.manual_seed(0)
+    model = build_model(ModelSettings("fedpriv_cnn_small", (("widths", (8, 16, 16)),)), 32)
+    images = torch.rand(5, 1, 32, 32)
+
+    def records(x: torch.Tensor) -> ImageRecords:
+        return ImageRecords(images=x.numpy(), labels=np.zeros(len(x), np.int64), patient_ids=np.arange(len(x)).astype(str), metadata={})
+
+    base = predict(model, records(images), batch_size=4, tta=True)
+    for view in dihedral_views(images)[1:]:
+        assert np.allclose(predict(model, records(view.contiguous()), batch_size=4, tta=True), base, atol=1e-5)
+    turned = predict(model, records(torch.rot90(images, 1, (2, 3)).contiguous()), batch_size=4)
+    assert not np.allclose(turned, predict(model, records(images), batch_size=4), atol=1e-4)

@@ -34,6 +34,11 @@ class SyntheticPool:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def of_hospitals(self, hospitals: list[int]) -> SyntheticPool:
+        """The images these hospitals' generators made."""
+        keep = np.isin(self.hospitals, hospitals)
+        return SyntheticPool(self.images[keep], self.labels[keep], self.hospitals[keep])
+
     def records(self, index: np.ndarray | None = None) -> ImageRecords:
         """As training records (float32 in [0, 1]); each image is its own synthetic 'patient'."""
         index = np.arange(len(self)) if index is None else index

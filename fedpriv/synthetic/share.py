@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 SYNTHETIC_DIR = "synthetic"
 POOL_FILE = "pool.npz"
 FACTS_FILE = "hospitals.json"
+FIDELITY_FILE = "fidelity.json"  # label fidelity of each hospital's images (fedpriv.synthetic.fidelity)
 
 
 @dataclass

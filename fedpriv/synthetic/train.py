@@ -26,6 +26,11 @@ from fedpriv.synthetic.gan import NUM_CLASSES, ConditionalDiscriminator, Conditi
 from fedpriv.training import RecordDataset
 
 
+def split_state(state: dict[str, torch.Tensor], network: str) -> dict[str, torch.Tensor]:
+    """One network's weights out of a `generator.*` / `discriminator.*` state dict."""
+    return {k.removeprefix(f"{network}."): v for k, v in state.items() if k.startswith(f"{network}.")}
+
+
 @contextmanager
 def frozen(discriminator: nn.Module):
     """No gradients into the discriminator (and no per-sample hooks under Opacus) while the
@@ -45,6 +50,7 @@ def frozen(discriminator: nn.Module):
 @dataclass
 class TrainedGan:
     generator: ConditionalGenerator
+    discriminator: ConditionalDiscriminator  # as trained (without Opacus' wrapper)
     history: History  # what Opacus' accountant recorded (empty without DP)
     discriminator_loss: float  # mean over the last epoch
     generator_loss: float
@@ -58,13 +64,20 @@ def train_gan(
     noise_multiplier: float | None,
     seed: int,
     device: torch.device = torch.device("cpu"),
+    start: dict[str, torch.Tensor] | None = None,
 ) -> TrainedGan:
     """`noise_multiplier=None` trains without DP (synthetic.dp=false); `device`: the
-    hospital's (fedpriv.devices). The generator comes back on the CPU."""
+    hospital's (fedpriv.devices); `start`: both networks' weights to begin from
+    (`generator.*`, `discriminator.*`: the GAN prior). The networks come back on the CPU."""
     started = time.perf_counter()
     torch.manual_seed(seed)
     shape = GanShape(records.images.shape[-1], settings.latent_dim, settings.width)
-    generator, discriminator = ConditionalGenerator(shape).to(device), ConditionalDiscriminator(shape).to(device)
+    generator, discriminator = ConditionalGenerator(shape), ConditionalDiscriminator(shape)
+    if start is not None:
+        generator.load_state_dict(split_state(start, "generator"))
+        discriminator.load_state_dict(split_state(start, "discriminator"))
+    generator, discriminator = generator.to(device), discriminator.to(device)
+    plain_discriminator = discriminator
     adam = dict(lr=settings.lr, betas=(0.5, 0.999))
     opt_g = torch.optim.Adam(generator.parameters(), **adam)
     opt_d = torch.optim.Adam(discriminator.parameters(), **adam)
@@ -110,6 +123,7 @@ def train_gan(
         steps = max(len(loader), 1)
     return TrainedGan(
         generator=generator.cpu().eval(),
+        discriminator=plain_discriminator.cpu().eval(),
         history=session.history if session is not None else [],
         discriminator_loss=d_total / steps,
         generator_loss=g_total / steps,
