@@ -6,6 +6,7 @@ import fcntl
 import json
 import math
 import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -91,6 +92,17 @@ def _pyplot():
     return plt
 
 
+def _lock_holder(handle, wait_s: float = 2.0) -> str:
+    """The pid the holder writes just after it takes the lock (allowing it that moment)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        handle.seek(0)
+        holder = handle.read().strip()
+        if holder or time.monotonic() > deadline:
+            return holder or "unknown"
+        time.sleep(0.05)
+
+
 class RunDirectory:
     """Writes one run's outputs; `summary.json` is written last, only by a finished run."""
 
@@ -107,8 +119,7 @@ class RunDirectory:
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                handle.seek(0)
-                holder = handle.read().strip() or "unknown"
+                holder = _lock_holder(handle)
                 raise FedprivError(
                     f"{self.path} is being written by another fedpriv run (pid {holder}); "
                     "wait for it to end, or use another directory"

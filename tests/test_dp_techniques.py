@@ -259,7 +259,7 @@ def test_best_val_selection_keeps_the_best_validation_round_and_scores_the_test_
     splits = load_splits(s.data, s.seed)
     scored = []
     real_predict = server.predict
-    monkeypatch.setattr(server, "predict", lambda model, records, batch: scored.append(records) or real_predict(model, records, batch))
+    monkeypatch.setattr(server, "predict", lambda model, records, *args, **kwargs: scored.append(records) or real_predict(model, records, *args, **kwargs))
     federation = _RandomModelsFederation(initial_weights(s))
     lines, final, evaluation = run_rounds(federation, s, splits, RunDirectory(tmp_path), PrivacyLedger(delta=0.0), lambda line: None)
 
