@@ -27,6 +27,7 @@ from fedpriv.privacy.engine import make_private
 from fedpriv.privacy.hospital_state import (
     SYNTHETIC_ROUND,
     HospitalPrivacyState,
+    gan_round_id,
     SpentRound,
     history_metrics,
     release_digest,
@@ -37,7 +38,7 @@ from fedpriv.settings import DataSettings, FaultSettings, PartitionSettings, Run
 from fedpriv.synthetic.gan import balanced_labels, generate
 from fedpriv.synthetic.pool import SyntheticPool
 from fedpriv.synthetic.prior import gan_prior
-from fedpriv.synthetic.train import train_gan
+from fedpriv.synthetic.train import gan_state, train_gan
 from fedpriv.training import RecordDataset, make_optimizer, proximal_pull, train_epochs
 from strategies import UNIFORM_WEIGHT
 
@@ -112,31 +113,55 @@ class HospitalTrainer:
 
         The GAN's DP-SGD session is recorded (round SYNTHETIC_ROUND) before anything leaves.
         """
-        s, g = self.settings, self.settings.synthetic
-        seed = self._start(SYNTHETIC_ROUND, hospital)
-        shard = hospital_shard(s, hospital)
-        mechanism = gan_mechanism(s, len(shard))
-        prior = gan_prior(s)
-        trained = train_gan(
-            shard, g, s.data.augment, mechanism.noise_multiplier if g.dp else None, seed, backend_device(s.backend),
-            start=prior[0] if prior is not None else None,
-        )
-        if g.dp and sum(n for *_, n in trained.history) != mechanism.steps:
-            raise FedprivError(f"hospital {hospital}: Opacus accounted {trained.history} for the GAN, expected {mechanism}")
+        g = self.settings.synthetic
+        prior = gan_prior(self.settings)
+        trained, seed, metrics_of = self._gan_session(hospital, SYNTHETIC_ROUND, prior[0] if prior is not None else None, g.epochs)
         labels = balanced_labels(g.samples_per_class)
         images = generate(trained.generator, labels, seed + 2)
         released = {"images": torch.from_numpy(images), "labels": torch.from_numpy(labels)}
         released |= {f"generator.{k}": v for k, v in trained.generator.state_dict().items()}
-        # recorded before the images leave
-        state = HospitalPrivacyState.record_at(self.state_path(hospital), SpentRound(SYNTHETIC_ROUND, *mechanism.entry, release_digest(released)))
-        metrics = {
-            "gan_seconds": trained.seconds,
-            "gan_discriminator_loss": trained.discriminator_loss,
-            "gan_generator_loss": trained.generator_loss,
-            "epsilon": epsilon_spent(state.history, s.privacy.delta or 0.0),
-            **history_metrics(state),
-        }
-        return released, metrics
+        return released, metrics_of(released)
+
+    def train_gan_round(self, hospital: int, gan_round: int, weights: dict) -> tuple[dict, dict]:
+        """One round of the federated GAN (synthetic.federated): `epochs / rounds` passes of
+        DP-SGD on the discriminator over this hospital's shard, starting from the global
+        networks; releases both networks (the discriminator is DP-SGD's output, the generator
+        its post-processing), recorded before they leave."""
+        g = self.settings.synthetic
+        round_id = gan_round_id(gan_round, g.rounds)
+        trained, _, metrics_of = self._gan_session(hospital, round_id, weights, g.epochs // g.rounds)
+        released = gan_state(trained.generator, trained.discriminator)
+        return released, metrics_of(released)
+
+    def _gan_session(self, hospital: int, round_id: int, start: dict | None, epochs: int):
+        """Train the GAN on this hospital's shard for `epochs` (DP-SGD on the discriminator
+        under synthetic.dp); returns the trained GAN, the session's seed, and a function that
+        records the session under `round_id` for a release and gives the reply's metrics."""
+        s, g = self.settings, self.settings.synthetic
+        seed = self._start(round_id, hospital)
+        shard = hospital_shard(s, hospital)
+        mechanism = gan_mechanism(s, len(shard))
+        steps = mechanism.steps * epochs // g.epochs  # this session's share of the planned GAN training
+        trained = train_gan(
+            shard, g, s.data.augment, mechanism.noise_multiplier if g.dp else None, seed, backend_device(s.backend),
+            start=start, epochs=epochs,
+        )
+        if g.dp and sum(n for *_, n in trained.history) != steps:
+            raise FedprivError(f"hospital {hospital}: Opacus accounted {trained.history} for the GAN, expected {steps} steps of {mechanism}")
+
+        def record(released: dict) -> dict:
+            session = SpentRound(round_id, mechanism.noise_multiplier, mechanism.sample_rate, steps, release_digest(released))
+            state = HospitalPrivacyState.record_at(self.state_path(hospital), session)  # before the release leaves
+            return {
+                "num-examples": len(shard),
+                "gan_seconds": trained.seconds,
+                "gan_discriminator_loss": trained.discriminator_loss,
+                "gan_generator_loss": trained.generator_loss,
+                "epsilon": epsilon_spent(state.history, s.privacy.delta or 0.0),
+                **history_metrics(state),
+            }
+
+        return trained, seed, record
 
     def __call__(self, hospital: int, weights: dict, config: dict, shared: dict | None = None) -> tuple[dict, dict]:
         """One local round; `shared` is the server's pooled synthetic set (synthetic=augment)."""

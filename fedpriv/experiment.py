@@ -31,12 +31,12 @@ from fedpriv.provenance import provenance
 from fedpriv.privacy.plan import classifier_mechanism, gan_mechanism
 from fedpriv.privacy.ledger import PrivacyLedger
 from fedpriv.checkpoint import Checkpoint
-from fedpriv.privacy.hospital_state import SYNTHETIC_ROUND
+from fedpriv.privacy.hospital_state import is_gan_round
 from fedpriv.server import PRETRAINED_FILE, final_intervals, global_model, initial_weights, run_rounds
-from fedpriv.synthetic.pool import SyntheticPool
+from fedpriv.synthetic.pool import FEDERATED_GAN, SyntheticPool
 from fedpriv.synthetic.quality import synthetic_quality, train_on_synthetic
 from fedpriv.tracking import tracking
-from fedpriv.synthetic.share import FIDELITY_FILE, POOL_FILE, SYNTHETIC_DIR, hospital_facts
+from fedpriv.synthetic.share import FIDELITY_FILE, POOL_FILE, SYNTHETIC_DIR, hospital_facts, made_by
 from fedpriv.settings import RunSettings, changed_settings, run_settings_dict, warn_delta
 from fedpriv.privacy.ledger import FEDERATION
 from strategies import build_strategy, central_noise_multiplier, clients_per_round
@@ -275,17 +275,22 @@ def synthetic_summary(settings: RunSettings, run_dir: Path, splits: SplitData, w
         on_synthetic = train_on_synthetic(settings, initial_weights(settings), pool)
     quality = synthetic_quality(settings, pool, splits, global_model(settings, weights), global_model(settings, on_synthetic))
     facts = hospital_facts(run_dir)
+    federated = settings.synthetic.federated
+    # each hospital's GAN training time (the federated GAN: summed over its rounds)
+    seconds = facts[str(FEDERATED_GAN)]["hospital_seconds"] if federated else {h: f["gan_seconds"] for h, f in facts.items()}
+    made = made_by(FEDERATED_GAN) if federated else made_by("<k>")
     block = {
         "mode": settings.synthetic.name,
         "dp": settings.synthetic.dp,
+        "federated": federated,
         "images": len(pool),
         "malignant": int(pool.labels.sum()),
-        "gan_seconds": {h: f["gan_seconds"] for h, f in facts.items()},
-        "gan_seconds_max": max(f["gan_seconds"] for f in facts.values()),
+        "gan_seconds": seconds,
+        "gan_seconds_max": max(seconds.values()),
         **quality,
         "fidelity": json.loads((folder / FIDELITY_FILE).read_text()),
-        "files": {"pool": f"{SYNTHETIC_DIR}/{POOL_FILE}", "fidelity": f"{SYNTHETIC_DIR}/{FIDELITY_FILE}", "generators": f"{SYNTHETIC_DIR}/generator_hospital_<k>.pt",
-                  "samples": f"{SYNTHETIC_DIR}/samples_hospital_<k>.png"},
+        "files": {"pool": f"{SYNTHETIC_DIR}/{POOL_FILE}", "fidelity": f"{SYNTHETIC_DIR}/{FIDELITY_FILE}", "generators": f"{SYNTHETIC_DIR}/generator_{made}.pt",
+                  "samples": f"{SYNTHETIC_DIR}/samples_{made}.png"},
     }
     if not settings.synthetic.dp:
         block["warning"] = "the GANs were trained without DP (synthetic.dp=false): every hospital's ε is ∞"
@@ -325,7 +330,7 @@ def make_summary(
         per_hospital = {}
         for h in hospitals:
             per_hospital[str(h)] = {"epsilon": ledger.epsilon(h), **_mechanism_facts(ledger, h, "dp-sgd")}
-            gan = [e for e in ledger.entries_of(h) if e.round == SYNTHETIC_ROUND]
+            gan = [e for e in ledger.entries_of(h) if is_gan_round(e.round)]
             if gan:  # the GAN's own part; "epsilon" above covers GAN and classifier together
                 per_hospital[str(h)]["gan"] = {
                     "mechanism": gan[0].mechanism,

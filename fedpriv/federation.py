@@ -40,6 +40,8 @@ DISCOVERY_TIMEOUT = 600.0
 StateDict = dict[str, torch.Tensor]
 #: The ClientApp action that trains a hospital's GAN (message type "train.synthesize").
 SYNTHESIZE = "synthesize"
+#: The ClientApp action that runs one round of the federated GAN (message type "train.gan_round").
+GAN_ROUND = "gan_round"
 
 
 class Hospitals(Protocol):
@@ -54,6 +56,9 @@ class Hospitals(Protocol):
 
     def synthesize(self, hospital: int) -> tuple[StateDict, dict]:
         """Synthetic images, labels and generator as arrays, and metrics incl. its privacy history."""
+
+    def train_gan_round(self, hospital: int, gan_round: int, weights: StateDict) -> tuple[StateDict, dict]:
+        """One federated GAN round from the global networks → (both networks, metrics incl. its privacy history)."""
 
 
 def build_client_app(hospitals_of: Callable[[Context], Hospitals]) -> ClientApp:
@@ -74,6 +79,14 @@ def build_client_app(hospitals_of: Callable[[Context], Hospitals]) -> ClientApp:
     def _synthesize(msg: Message, context: Context) -> Message:
         hospital = int(context.node_config["partition-id"])
         arrays, metrics = hospitals_of(context).synthesize(hospital)
+        content = RecordDict({"arrays": ArrayRecord(arrays), "metrics": MetricRecord({"hospital": hospital, **metrics})})
+        return Message(content, reply_to=msg)
+
+    @app.train(GAN_ROUND)
+    def _gan_round(msg: Message, context: Context) -> Message:
+        hospital = int(context.node_config["partition-id"])
+        gan_round = int(msg.content["config"]["gan-round"])
+        arrays, metrics = hospitals_of(context).train_gan_round(hospital, gan_round, msg.content["arrays"].to_torch_state_dict())
         content = RecordDict({"arrays": ArrayRecord(arrays), "metrics": MetricRecord({"hospital": hospital, **metrics})})
         return Message(content, reply_to=msg)
 
@@ -162,10 +175,17 @@ class Federation:
     def synthesize(self) -> tuple[dict[int, tuple[StateDict, dict]], dict[int, str]]:
         """Every hospital trains its GAN and replies with its synthetic images and generator;
         returns (hospital → (arrays, metrics)) and (hospital → failure reason)."""
+        return self._ask_every_hospital(SYNTHESIZE, {})
+
+    def train_gan_round(self, gan_round: int, weights: StateDict) -> tuple[dict[int, tuple[StateDict, dict]], dict[int, str]]:
+        """Every hospital runs one round of the federated GAN from these global networks;
+        returns (hospital → (both networks, metrics)) and (hospital → failure reason)."""
+        return self._ask_every_hospital(GAN_ROUND, {"arrays": ArrayRecord(weights), "config": ConfigRecord({"gan-round": gan_round})})
+
+    def _ask_every_hospital(self, action: str, records: dict) -> tuple[dict[int, tuple[StateDict, dict]], dict[int, str]]:
+        """Send every hospital the same records (one message each) for this ClientApp action."""
         nodes = sorted(self.hospital_of_node, key=self.hospital_of_node.get)
-        messages = [
-            Message(RecordDict(), message_type=f"{MessageType.TRAIN}.{SYNTHESIZE}", dst_node_id=n) for n in nodes
-        ]
+        messages = [Message(RecordDict(dict(records)), message_type=f"{MessageType.TRAIN}.{action}", dst_node_id=n) for n in nodes]
         replies = list(self.grid.send_and_receive(messages, timeout=self.timeout))
         released, failed = {}, {}
         for reply in replies:

@@ -287,7 +287,9 @@ class SyntheticSettings:
     is scored first (fedpriv.synthetic.fidelity); `min_fidelity` (null = off) leaves out the
     images of hospitals whose train-on-synthetic validation AUROC is below it. `prior=phantom`
     starts every hospital's GAN from one trained without DP on public phantom masses for
-    `prior_epochs` (fedpriv.synthetic.prior; ε = 0, cached)."""
+    `prior_epochs` (fedpriv.synthetic.prior; ε = 0, cached). `federated=true` trains one GAN
+    across the hospitals instead: `rounds` rounds of `epochs / rounds` local passes each, the
+    server averaging both networks (fedpriv.synthetic.share), the same per-record ε."""
 
     name: str
     dp: bool | None = None
@@ -305,10 +307,17 @@ class SyntheticSettings:
     min_fidelity: float | None = None
     prior: str = "none"
     prior_epochs: int | None = None
+    federated: bool = False
+    rounds: int | None = None  # federated only
 
     @property
     def enabled(self) -> bool:
         return self.name != "none"
+
+    @property
+    def gan_rounds(self) -> int:
+        """Rounds of GAN training: `rounds` when federated; one (each hospital's own GAN) otherwise."""
+        return self.rounds if self.federated else 1
 
 
 SYNTHETIC_MODES = ("none", "augment", "pretrain")
@@ -810,6 +819,13 @@ def _validate_synthetic(s: RunSettings) -> None:
         _require(
             isinstance(g.prior_epochs, int) and not isinstance(g.prior_epochs, bool) and g.prior_epochs >= 1,
             f"synthetic.prior_epochs={g.prior_epochs!r} must be an integer ≥ 1 (passes over the phantom images)",
+        )
+    _require(isinstance(g.federated, bool), f"synthetic.federated={g.federated!r} must be true or false")
+    if g.federated:
+        _require(
+            isinstance(g.rounds, int) and not isinstance(g.rounds, bool) and g.rounds >= 1 and g.epochs % g.rounds == 0,
+            f"synthetic.rounds={g.rounds!r} must be an integer ≥ 1 that divides synthetic.epochs={g.epochs} "
+            "(each GAN round is epochs / rounds passes over every hospital's shard)",
         )
     if g.name == "augment":
         _require(g.mix_ratio is not None and g.mix_ratio > 0, f"synthetic.mix_ratio={g.mix_ratio!r} must be > 0 (synthetic images per real image)")

@@ -28,7 +28,10 @@ from fedpriv.synthetic.gan import (
     generate,
     load_generator,
 )
+from fedpriv.privacy.hospital_state import history_from_metrics
+from fedpriv.synthetic.pool import FEDERATED_GAN as FEDERATED_POOL
 from fedpriv.synthetic.prior import gan_prior
+from fedpriv.synthetic.share import average_networks, initial_gan, share_synthetic
 from fedpriv.synthetic.fidelity import Fidelity, score_features, trusted_hospitals
 from fedpriv.synthetic.quality import frechet_distance
 from fedpriv.synthetic.sample import main as sample_main
@@ -37,6 +40,8 @@ from test_accounting import dp_accounting_epsilon
 
 #: A short GAN for tests (the defaults are in configs/synthetic/_gan.yaml).
 SHORT_GAN = ["synthetic.epochs=3", "synthetic.samples_per_class=20", "synthetic.train_epochs=1", "synthetic.batch_size=16"]
+#: One GAN trained across the hospitals in three rounds of one epoch.
+FEDERATED_GAN = ["synthetic.federated=true", "synthetic.rounds=3"]
 
 
 @pytest.mark.parametrize("size", [64, 128])
@@ -116,6 +121,8 @@ def test_a_gan_without_dp_has_infinite_epsilon():
         (["synthetic=augment", "synthetic.min_fidelity=2"], "synthetic.min_fidelity"),
         (["synthetic=augment", "synthetic.prior=imagenet"], "synthetic.prior"),
         (["synthetic=augment", "synthetic.prior=phantom", "synthetic.prior_epochs=0"], "synthetic.prior_epochs"),
+        (["synthetic=augment", "synthetic.federated=true", "synthetic.rounds=7"], "synthetic.rounds"),
+        (["synthetic=augment", "synthetic.federated=maybe"], "synthetic.federated"),
     ],
 )
 def test_bad_synthetic_settings_are_named(overrides, named):
@@ -256,7 +263,8 @@ def test_sampling_command_writes_an_image_folder_the_data_sources_read(augment_r
 
 
 def test_pretrain_without_dp_reports_infinite_epsilon_with_a_warning(tmp_path):
-    settings = make_settings([*TINY, "rounds=1", "synthetic=pretrain", "synthetic.dp=false", *SHORT_GAN])
+    # a federated GAN here (each hospital's own GAN runs in augment_run): both go through the engine
+    settings = make_settings([*TINY, "rounds=1", "synthetic=pretrain", "synthetic.dp=false", *SHORT_GAN, *FEDERATED_GAN])
     summary = run_experiment(settings, tmp_path)
     privacy = summary["privacy"]
     assert privacy["max_epsilon"] == math.inf and "synthetic.dp=false" in privacy["warnings"][0]
@@ -266,7 +274,7 @@ def test_pretrain_without_dp_reports_infinite_epsilon_with_a_warning(tmp_path):
     written = json.loads((tmp_path / "summary.json").read_text())
     assert written["privacy"]["max_epsilon"] == "inf" and float(written["privacy"]["max_epsilon"]) == math.inf
     assert "WITHOUT" not in written["synthetic"]["warning"] and "without DP" in written["synthetic"]["warning"]
-    assert (tmp_path / "synthetic" / "pretrained.pt").exists()
+    assert (tmp_path / "synthetic" / "pretrained.pt").exists() and (tmp_path / "synthetic" / "generator_federated.pt").exists()
     pretrained = torch.load(tmp_path / "synthetic" / "pretrained.pt", weights_only=True)
     assert any(not torch.equal(v, initial) for v, initial in zip(pretrained.values(), _initial(settings).values()))
 
@@ -275,3 +283,80 @@ def _initial(settings):
     from fedpriv.server import initial_weights
 
     return initial_weights(settings)
+
+
+def test_federated_gan_averages_both_networks_by_records_in_hospital_order():
+    a = {"generator.w": torch.tensor([1.0, 2.0]), "discriminator.w": torch.tensor([0.0])}
+    b = {"generator.w": torch.tensor([5.0, 6.0]), "discriminator.w": torch.tensor([4.0])}
+    averaged = average_networks({1: (b, 30), 0: (a, 10)})
+    assert torch.equal(averaged["generator.w"], torch.tensor([4.0, 5.0])) and torch.equal(averaged["discriminator.w"], torch.tensor([3.0]))
+
+
+def test_a_federated_gan_round_spends_its_share_of_the_gans_epsilon_and_releases_only_networks(tmp_path):
+    settings = make_settings([*TINY, "synthetic=pretrain", *SHORT_GAN, *FEDERATED_GAN])
+    trainer = HospitalTrainer(settings, str(tmp_path))
+    start = initial_gan(settings)
+    weights, metrics = trainer.train_gan_round(0, 1, start)
+    assert set(weights) == set(start)  # both networks, nothing else: no image, no record
+    assert any(not torch.equal(weights[k], start[k]) for k in start)
+    for gan_round in (2, 3):
+        weights, metrics = trainer.train_gan_round(0, gan_round, weights)
+    state = json.loads((tmp_path / "hospital_0.json").read_text())
+    assert [s["round"] for s in state["spent"]] == [-2, -1, 0]  # before the classifier's round 1, recorded before release
+    whole = gan_mechanism(settings, len(hospital_shard(settings, 0)))
+    assert sum(s["steps"] for s in state["spent"]) == whole.steps  # the planned GAN training, in three rounds
+    assert metrics["epsilon"] == pytest.approx(epsilon_spent([whole.entry], 1e-5))  # the same ε as one hospital's own GAN
+    assert metrics["epsilon"] == pytest.approx(0.25 * 8.0, rel=0.01)
+
+
+class _InProcessFederation:
+    """The hospitals' GAN rounds run in this process (the engine is not what is tested here);
+    `fail_round`: the round in which hospital 1 fails."""
+
+    def __init__(self, settings, state_dir, fail_round=None):
+        self.trainer, self.fail_round, self.asked = HospitalTrainer(settings, str(state_dir)), fail_round, []
+
+    def train_gan_round(self, gan_round, weights):
+        self.asked.append(gan_round)
+        released, failed = {}, {}
+        for hospital in (0, 1):
+            if gan_round == self.fail_round and hospital == 1:
+                failed[hospital] = "injected"
+            else:
+                released[hospital] = self.trainer.train_gan_round(hospital, gan_round, weights)
+        return released, failed
+
+
+def test_a_federated_gan_killed_in_a_round_resumes_from_the_last_finished_one(tmp_path):
+    settings = make_settings([*TINY, "synthetic=pretrain", *SHORT_GAN, *FEDERATED_GAN])
+    whole = share_synthetic(_InProcessFederation(settings, tmp_path / "whole_hospitals"), settings, tmp_path / "whole")
+    broken = _InProcessFederation(settings, tmp_path / "hospitals", fail_round=2)
+    with pytest.raises(FedprivError, match="GAN round 2.*hospital 1: injected"):
+        share_synthetic(broken, settings, tmp_path / "run")
+    again = _InProcessFederation(settings, tmp_path / "hospitals")
+    resumed = share_synthetic(again, settings, tmp_path / "run")
+    assert again.asked == [2, 3]  # round 1 is not trained again
+    assert np.array_equal(resumed.pool.images, whole.pool.images) and set(resumed.pool.hospitals) == {FEDERATED_POOL}
+    for hospital in (0, 1):  # hospital 0's replayed round 2 is the same release: recorded once
+        spent = json.loads((tmp_path / "hospitals" / f"hospital_{hospital}.json").read_text())["spent"]
+        assert [s["round"] for s in spent] == [-2, -1, 0]
+        assert history_from_metrics(resumed.reports[hospital]) == history_from_metrics(whole.reports[hospital])
+
+
+@pytest.mark.slow
+def test_federated_gan_run_accounts_every_gan_round_and_draws_the_pool_from_one_generator(tmp_path):
+    settings = make_settings([*TINY, "rounds=1", "synthetic=pretrain", *SHORT_GAN, *FEDERATED_GAN])
+    summary = run_experiment(settings, tmp_path)
+    ledger = json.loads((tmp_path / "ledger.json").read_text())
+    for h, info in summary["privacy"]["hospitals"].items():
+        entries = [e for e in ledger["entries"] if str(e["hospital"]) == h]
+        assert [(e["round"], e["mechanism"]) for e in entries] == [(-2, "dp-gan"), (-1, "dp-gan"), (0, "dp-gan"), (1, "dp-sgd")]
+        history = [(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in entries]
+        assert info["epsilon"] == pytest.approx(dp_accounting_epsilon(history, 1e-5), rel=0.01)
+        assert info["gan"]["epsilon"] == pytest.approx(0.25 * 8.0, rel=0.01) and info["epsilon"] <= 8.0
+    block = summary["synthetic"]
+    assert block["federated"] is True and block["images"] == 2 * 2 * 20 and set(block["gan_seconds"]) == {"0", "1"}
+    assert set(block["fidelity"]["scores"]) == {str(FEDERATED_POOL), "pooled"}
+    assert (tmp_path / "synthetic" / "samples_federated.png").exists()
+    generator, facts = load_generator(tmp_path / "synthetic" / "generator_federated.pt")
+    assert facts["rounds"] == 3 and generator.shape.image_size == 32

@@ -23,13 +23,25 @@ from fedpriv.errors import FedprivError
 from fedpriv.privacy.accounting import History
 
 
-#: The round number under which a hospital records its GAN training (before round 1).
+#: The round number under which a hospital records its GAN training (before round 1); a
+#: federated GAN's earlier rounds come before it (gan_round_id).
 SYNTHETIC_ROUND = 0
+
+
+def gan_round_id(gan_round: int, gan_rounds: int) -> int:
+    """The round under which a hospital records GAN round `gan_round` (1-based) of
+    `gan_rounds`: all before the classifier's round 1, the last at SYNTHETIC_ROUND."""
+    return SYNTHETIC_ROUND - gan_rounds + gan_round
+
+
+def is_gan_round(round: int) -> bool:
+    """Whether a recorded session trained a GAN (rather than the classifier)."""
+    return round <= SYNTHETIC_ROUND
 
 
 @dataclass(frozen=True)
 class SpentRound:
-    """One DP-SGD session: the server round it served (SYNTHETIC_ROUND: the GAN's
+    """One DP-SGD session: the server round it served (≤ SYNTHETIC_ROUND: the GAN's
     discriminator; σ = 0 when the GAN was trained without DP), the mechanism, and a digest of
     what it released."""
 

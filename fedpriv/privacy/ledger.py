@@ -10,7 +10,7 @@ from pathlib import Path
 from fedpriv.errors import FedprivError
 from fedpriv.outputs import write_json
 from fedpriv.privacy.accounting import History, epsilon_spent
-from fedpriv.privacy.hospital_state import SYNTHETIC_ROUND
+from fedpriv.privacy.hospital_state import is_gan_round
 
 
 #: `hospital` of the federation-wide client-level mechanism (DP-FedAvg at the server).
@@ -19,7 +19,7 @@ FEDERATION = -1
 
 def mechanism_name(round: int, noise_multiplier: float) -> str:
     """dp-sgd (the classifier), dp-gan (the GAN's discriminator), or gan-without-dp (ε = ∞)."""
-    if round != SYNTHETIC_ROUND:
+    if not is_gan_round(round):
         return "dp-sgd"
     return "dp-gan" if noise_multiplier > 0 else "gan-without-dp"
 

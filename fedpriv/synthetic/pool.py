@@ -13,13 +13,15 @@ from fedpriv.data.records import ImageRecords
 from fedpriv.synthetic.gan import NUM_CLASSES
 
 CLASS_NAMES = ("benign", "malignant")
+#: `hospitals` of the images the federated GAN's generator made (synthetic.federated).
+FEDERATED_GAN = -1
 
 
 @dataclass(frozen=True)
 class SyntheticPool:
     images: np.ndarray  # N×1×H×W uint8
     labels: np.ndarray  # N int64, 1 = malignant
-    hospitals: np.ndarray  # N int64: the hospital whose generator made the image
+    hospitals: np.ndarray  # N int64: the hospital whose generator made the image (FEDERATED_GAN: the federation's)
 
     @classmethod
     def pooled(cls, parts: dict[int, tuple[np.ndarray, np.ndarray]]) -> SyntheticPool:

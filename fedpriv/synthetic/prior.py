@@ -18,7 +18,7 @@ from fedpriv.data.phantom import PhantomSpec, generate_phantom_mammo
 from fedpriv.priors.build import PRIOR_STREAM
 from fedpriv.priors.cache import cached
 from fedpriv.settings import RunSettings
-from fedpriv.synthetic.train import train_gan
+from fedpriv.synthetic.train import gan_state, train_gan
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,4 @@ def _train(settings: RunSettings) -> dict[str, torch.Tensor]:
     records = generate_phantom_mammo(spec, int(rng.integers(2**31)))
     gan = dataclasses.replace(settings.synthetic, epochs=settings.synthetic.prior_epochs)
     trained = train_gan(records, gan, augment=True, noise_multiplier=None, seed=int(rng.integers(2**31)))
-    return {
-        **{f"generator.{k}": v for k, v in trained.generator.state_dict().items()},
-        **{f"discriminator.{k}": v for k, v in trained.discriminator.state_dict().items()},
-    }
+    return gan_state(trained.generator, trained.discriminator)

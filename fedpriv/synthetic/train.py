@@ -47,6 +47,14 @@ def frozen(discriminator: nn.Module):
             discriminator.enable_hooks()
 
 
+def gan_state(generator: nn.Module, discriminator: nn.Module) -> dict[str, torch.Tensor]:
+    """Both networks' weights in one state dict (`generator.*`, `discriminator.*`)."""
+    return {
+        **{f"generator.{k}": v for k, v in generator.state_dict().items()},
+        **{f"discriminator.{k}": v for k, v in discriminator.state_dict().items()},
+    }
+
+
 @dataclass
 class TrainedGan:
     generator: ConditionalGenerator
@@ -65,10 +73,13 @@ def train_gan(
     seed: int,
     device: torch.device = torch.device("cpu"),
     start: dict[str, torch.Tensor] | None = None,
+    epochs: int | None = None,
 ) -> TrainedGan:
     """`noise_multiplier=None` trains without DP (synthetic.dp=false); `device`: the
     hospital's (fedpriv.devices); `start`: both networks' weights to begin from
-    (`generator.*`, `discriminator.*`: the GAN prior). The networks come back on the CPU."""
+    (`generator.*`, `discriminator.*`: the GAN prior, or a federated GAN's global weights);
+    `epochs`: passes over `records` (default synthetic.epochs; a federated GAN's round runs
+    its share). The networks come back on the CPU."""
     started = time.perf_counter()
     torch.manual_seed(seed)
     shape = GanShape(records.images.shape[-1], settings.latent_dim, settings.width)
@@ -95,7 +106,7 @@ def train_gan(
         )
         discriminator, opt_d, loader = session.model, session.optimizer, session.loader
     fakes = settings.batch_size  # a public constant, not the (private) real batch size
-    for _ in range(settings.epochs):
+    for _ in range(settings.epochs if epochs is None else epochs):
         d_total = g_total = 0.0
         for real, labels in loader:
             real, labels = real.to(device), labels.to(device)
