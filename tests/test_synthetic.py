@@ -29,11 +29,12 @@ from fedpriv.synthetic.gan import (
     load_generator,
 )
 from fedpriv.privacy.hospital_state import history_from_metrics
-from fedpriv.synthetic.pool import FEDERATED_GAN as FEDERATED_POOL
+from fedpriv.models import build_model, classifier_parameters
+from fedpriv.synthetic.pool import FEDERATED_GAN as FEDERATED_POOL, SyntheticPool
 from fedpriv.synthetic.prior import gan_prior
 from fedpriv.synthetic.share import average_networks, initial_gan, share_synthetic
 from fedpriv.synthetic.fidelity import Fidelity, score_features, trusted_hospitals
-from fedpriv.synthetic.quality import frechet_distance
+from fedpriv.synthetic.quality import frechet_distance, train_on_synthetic
 from fedpriv.synthetic.sample import main as sample_main
 from fedpriv.synthetic.train import train_gan
 from test_accounting import dp_accounting_epsilon
@@ -360,3 +361,14 @@ def test_federated_gan_run_accounts_every_gan_round_and_draws_the_pool_from_one_
     assert (tmp_path / "synthetic" / "samples_federated.png").exists()
     generator, facts = load_generator(tmp_path / "synthetic" / "generator_federated.pt")
     assert facts["rounds"] == 3 and generator.shape.image_size == 32
+
+
+def test_pretraining_under_a_frozen_backbone_trains_the_head_alone():
+    settings = make_settings([*TINY, "synthetic=pretrain", *SHORT_GAN, "training.freeze=backbone"])
+    rng = np.random.default_rng(0)
+    pool = SyntheticPool(rng.integers(0, 256, (16, 1, 32, 32), dtype=np.uint8), np.repeat([0, 1], 8), np.zeros(16, np.int64))
+    start = _initial(settings)
+    pretrained = train_on_synthetic(settings, start, pool)
+    head = classifier_parameters(build_model(settings.model, settings.data.image_size))
+    changed = {k for k in start if not torch.equal(start[k], pretrained[k])}
+    assert changed and changed <= head

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 from fedpriv.data.records import ImageRecords, SplitData
 from fedpriv.metrics import auroc
 from fedpriv.devices import backend_device
-from fedpriv.models import build_model
+from fedpriv.models import build_model, freeze_backbone
 from fedpriv.settings import RunSettings
 from fedpriv.synthetic.pool import SyntheticPool
 from fedpriv.training import RecordDataset, make_optimizer, predict, train_epochs
@@ -24,11 +24,15 @@ from fedpriv.training import RecordDataset, make_optimizer, predict, train_epoch
 
 def train_on_synthetic(settings: RunSettings, weights: dict, pool: SyntheticPool) -> dict[str, torch.Tensor]:
     """The model trained without DP on the synthetic pool (post-processing of DP releases:
-    it costs no privacy), from `weights`, for synthetic.train_epochs at synthetic.train_lr."""
+    it costs no privacy), from `weights`, for synthetic.train_epochs at synthetic.train_lr.
+    Under training.freeze=backbone the head alone, as in the DP rounds that follow: the
+    prior's features are kept, not overwritten by what the generator draws."""
     g = settings.synthetic
     torch.manual_seed(settings.seed)
     model = build_model(settings.model, settings.data.image_size)
     model.load_state_dict(weights)
+    if settings.training.freeze == "backbone":
+        freeze_backbone(model, settings.model.name)
     model.to(backend_device(settings.backend))  # the server's device
     training = dataclasses.replace(settings.training, lr=g.train_lr)
     loader = DataLoader(
