@@ -32,6 +32,7 @@ from fedpriv.privacy.hospital_state import (
     history_metrics,
     release_digest,
 )
+from fedpriv.protocol import NUM_EXAMPLES, UNIFORM_WEIGHT, round_seed
 from fedpriv.privacy.plan import classifier_mechanism, fits_budget, gan_mechanism, synthetic_per_round
 from fedpriv.schedule import StepPlan, follow_clip_schedule, follow_lr_schedule
 from fedpriv.settings import DataSettings, FaultSettings, PartitionSettings, RunSettings, TrainingSettings
@@ -40,7 +41,6 @@ from fedpriv.synthetic.pool import SyntheticPool
 from fedpriv.synthetic.prior import gan_prior
 from fedpriv.synthetic.train import gan_state, train_gan
 from fedpriv.training import RecordDataset, make_optimizer, proximal_pull, train_epochs
-from strategies import UNIFORM_WEIGHT
 
 
 @functools.lru_cache(maxsize=2)
@@ -72,11 +72,6 @@ def backbone_frozen(training: TrainingSettings, server_round: int) -> bool:
     if training.freeze != "backbone":
         return False
     return training.freeze_rounds is None or server_round <= training.freeze_rounds
-
-
-def round_seed(seed: int, server_round: int, hospital: int) -> int:
-    """Distinct, reproducible seed for each (run seed, round, hospital)."""
-    return (seed * 1_000_003 + server_round * 1_009 + hospital) % (2**31)
 
 
 @dataclass(frozen=True)
@@ -153,7 +148,7 @@ class HospitalTrainer:
             session = SpentRound(round_id, mechanism.noise_multiplier, mechanism.sample_rate, steps, release_digest(released))
             state = HospitalPrivacyState.record_at(self.state_path(hospital), session)  # before the release leaves
             return {
-                "num-examples": len(shard),
+                NUM_EXAMPLES: len(shard),
                 "gan_seconds": trained.seconds,
                 "gan_discriminator_loss": trained.discriminator_loss,
                 "gan_generator_loss": trained.generator_loss,
@@ -193,7 +188,7 @@ class HospitalTrainer:
         steps_per_round = s.local_epochs * poisson_plan(len(dataset), s.training.batch_size)[1]
         plan = StepPlan.of_round(server_round, s.rounds, steps_per_round)
         optimizer = self._optimizer(model, weights, plan, float(config.get("proximal-mu", 0.0)))
-        metrics = {"hospital": hospital, "num-examples": len(shard), UNIFORM_WEIGHT: 1}
+        metrics = {"hospital": hospital, NUM_EXAMPLES: len(shard), UNIFORM_WEIGHT: 1}
         if s.privacy.local:
             weights, privacy_metrics = self._train_private(model, optimizer, loader, hospital, server_round, seed, plan)
             metrics.update(privacy_metrics)

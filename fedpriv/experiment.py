@@ -28,7 +28,7 @@ from fedpriv.outputs import RunDirectory
 from fedpriv.priors.start import starting_weights
 from fedpriv.privacy.accounting import epsilon_spent
 from fedpriv.provenance import provenance
-from fedpriv.privacy.plan import classifier_mechanism, gan_mechanism
+from fedpriv.privacy.plan import central_noise_multiplier, classifier_mechanism, gan_mechanism
 from fedpriv.privacy.ledger import PrivacyLedger
 from fedpriv.checkpoint import Checkpoint
 from fedpriv.privacy.hospital_state import is_gan_round
@@ -38,8 +38,8 @@ from fedpriv.synthetic.quality import synthetic_quality, train_on_synthetic
 from fedpriv.tracking import tracking
 from fedpriv.synthetic.share import FIDELITY_FILE, POOL_FILE, SYNTHETIC_DIR, hospital_facts, made_by
 from fedpriv.settings import RunSettings, changed_settings, run_settings_dict, warn_delta
+from fedpriv.strategies import build_strategy, clients_per_round
 from fedpriv.privacy.ledger import FEDERATION
-from strategies import build_strategy, central_noise_multiplier, clients_per_round
 
 if TYPE_CHECKING:
     from flwr.serverapp import Grid
@@ -74,7 +74,7 @@ def run_experiment(
         checkpoint = resume_point(settings, run)
         plan = prepare(settings)
         splits, shards, table = plan.splits, plan.shards, plan.table
-        strategy = build_strategy(settings)
+        strategy = run_strategy(settings)
         run.write_json("partition.json", table)
         run.plot_partition(table)
         on_partition(table)
@@ -96,7 +96,7 @@ def run_experiment(
             def server_main(federation) -> None:
                 result["lines"], result["weights"], result["final"] = run_rounds(federation, settings, splits, run, ledger, on_line, checkpoint)
 
-            federation = (strategy, settings.num_clients, settings.faults.client_timeout, settings.privacy.central)
+            federation = (strategy, settings.num_clients, settings.faults.client_timeout, settings.privacy.central, settings.seed)
             if grid is None:
                 run_federation(
                     build_server_app(server_main, *federation),
@@ -121,6 +121,12 @@ def run_experiment(
             summary["provenance"] = origin
             tracker.log_summary(summary, run.write_json("summary.json", summary))
     return summary
+
+
+def run_strategy(settings: RunSettings):
+    """The configured Flower strategy, with client-level DP's σ calibrated for the planned rounds."""
+    sigma = central_noise_multiplier(settings) if settings.privacy.central else None
+    return build_strategy(settings.strategy, settings.privacy, settings.num_clients, sigma)
 
 
 @dataclass

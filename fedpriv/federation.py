@@ -28,8 +28,10 @@ from flwr.serverapp.strategy import Strategy
 from flwr.simulation import run_simulation
 
 from fedpriv.errors import FedprivError
-from fedpriv.internals import local_ray_cpus, seed_flower_node_sampling, swap_flower_message_queue
+from fedpriv.internals import local_ray_cpus, swap_flower_message_queue
+from fedpriv.protocol import GAN_ROUND, PARTITION_ID, SYNTHESIZE
 from fedpriv.settings import BackendSettings
+from fedpriv.strategies.hospital_ordered import HospitalOrdered
 
 log = logging.getLogger(__name__)
 
@@ -38,10 +40,6 @@ log = logging.getLogger(__name__)
 DISCOVERY_TIMEOUT = 600.0
 
 StateDict = dict[str, torch.Tensor]
-#: The ClientApp action that trains a hospital's GAN (message type "train.synthesize").
-SYNTHESIZE = "synthesize"
-#: The ClientApp action that runs one round of the federated GAN (message type "train.gan_round").
-GAN_ROUND = "gan_round"
 
 
 class Hospitals(Protocol):
@@ -69,7 +67,7 @@ def build_client_app(hospitals_of: Callable[[Context], Hospitals]) -> ClientApp:
 
     @app.train()
     def _train(msg: Message, context: Context) -> Message:
-        hospital = int(context.node_config["partition-id"])
+        hospital = int(context.node_config[PARTITION_ID])
         shared = msg.content["synthetic"].to_torch_state_dict() if "synthetic" in msg.content else None
         weights, metrics = hospitals_of(context)(hospital, msg.content["arrays"].to_torch_state_dict(), dict(msg.content["config"]), shared)
         content = RecordDict({"arrays": ArrayRecord(weights), "metrics": MetricRecord(metrics)})
@@ -77,14 +75,14 @@ def build_client_app(hospitals_of: Callable[[Context], Hospitals]) -> ClientApp:
 
     @app.train(SYNTHESIZE)
     def _synthesize(msg: Message, context: Context) -> Message:
-        hospital = int(context.node_config["partition-id"])
+        hospital = int(context.node_config[PARTITION_ID])
         arrays, metrics = hospitals_of(context).synthesize(hospital)
         content = RecordDict({"arrays": ArrayRecord(arrays), "metrics": MetricRecord({"hospital": hospital, **metrics})})
         return Message(content, reply_to=msg)
 
     @app.train(GAN_ROUND)
     def _gan_round(msg: Message, context: Context) -> Message:
-        hospital = int(context.node_config["partition-id"])
+        hospital = int(context.node_config[PARTITION_ID])
         gan_round = int(msg.content["config"]["gan-round"])
         arrays, metrics = hospitals_of(context).train_gan_round(hospital, gan_round, msg.content["arrays"].to_torch_state_dict())
         content = RecordDict({"arrays": ArrayRecord(arrays), "metrics": MetricRecord({"hospital": hospital, **metrics})})
@@ -92,7 +90,7 @@ def build_client_app(hospitals_of: Callable[[Context], Hospitals]) -> ClientApp:
 
     @app.query()
     def _describe(msg: Message, context: Context) -> Message:
-        hospital = int(context.node_config["partition-id"])
+        hospital = int(context.node_config[PARTITION_ID])
         facts = {"hospital": hospital, **hospitals_of(context).describe(hospital)}
         return Message(RecordDict({"metrics": MetricRecord(facts)}), reply_to=msg)
 
@@ -113,13 +111,15 @@ class Federation:
     """The server's handle on the simulated hospitals: discovery and training rounds."""
 
     def __init__(
-        self, grid: Grid, strategy: Strategy, num_hospitals: int, timeout: float, all_or_nothing: bool
+        self, grid: Grid, strategy: Strategy, num_hospitals: int, timeout: float, all_or_nothing: bool, seed: int
     ) -> None:
-        self.grid, self.strategy, self.timeout = grid, strategy, timeout
+        self.grid, self.timeout = grid, timeout
         self.num_hospitals = num_hospitals
         # Client-level DP noise (privacy=central) is scaled for every sampled hospital: a partial round is not released.
         self.all_or_nothing = all_or_nothing
         self.hospital_of_node: dict[int, int] = {}
+        # sampling that depends on the seed alone, aggregation in hospital order
+        self.strategy = HospitalOrdered(strategy, seed, self.hospital_of_node)
         self.shared: ArrayRecord | None = None  # sent with every training message (synthetic=augment)
 
     def describe_hospitals(self, hospitals: Iterable[int] | None = None) -> dict[int, dict]:
@@ -199,15 +199,9 @@ class Federation:
                 failed[self.hospital_of_node[node]] = f"no reply within {self.timeout:g} s"
         return dict(sorted(released.items())), failed
 
-    def train_round(self, server_round: int, weights: StateDict, config: dict, seed: int) -> RoundOutcome:
-        """Send the global weights to the sampled hospitals, collect replies, aggregate.
-
-        Seeding Flower's sampling per round and listing nodes in hospital order makes the
-        sample depend on the seed alone, not on node ids.
-        """
-        seed_flower_node_sampling(seed)
-        ordered = HospitalOrderedGrid(self.grid, self.hospital_of_node)
-        messages = self.strategy.configure_train(server_round, ArrayRecord(weights), ConfigRecord(config), ordered)
+    def train_round(self, server_round: int, weights: StateDict, config: dict) -> RoundOutcome:
+        """Send the global weights to the hospitals the strategy samples, collect replies, aggregate."""
+        messages = self.strategy.configure_train(server_round, ArrayRecord(weights), ConfigRecord(config), self.grid)
         if self.shared is not None:
             for message in messages:
                 message.content["synthetic"] = self.shared
@@ -229,25 +223,10 @@ class Federation:
                 outcome.trained[hospital] = dict(reply.content["metrics"])
                 good.append(reply)
         complete = len(good) == len(replies)
-        # Replies arrive in any order; float sums do not commute: aggregate in hospital order.
-        good.sort(key=lambda reply: self.hospital_of_node.get(reply.metadata.src_node_id, reply.metadata.src_node_id))
         if good and (complete or not self.all_or_nothing):
             arrays, _ = self.strategy.aggregate_train(server_round, good)
             outcome.weights = arrays.to_torch_state_dict() if arrays is not None else None
         return outcome
-
-
-class HospitalOrderedGrid:
-    """The simulation's grid, listing node ids in hospital order (for seeded sampling)."""
-
-    def __init__(self, grid: Grid, hospital_of_node: dict[int, int]) -> None:
-        self._grid, self._hospital_of_node = grid, hospital_of_node
-
-    def get_node_ids(self):
-        return sorted(self._grid.get_node_ids(), key=lambda n: self._hospital_of_node.get(n, n))
-
-    def __getattr__(self, name: str):
-        return getattr(self._grid, name)
 
 
 def short_reason(reason: str) -> str:
@@ -261,14 +240,14 @@ def short_reason(reason: str) -> str:
 
 
 def build_server_app(
-    main: Callable[[Federation], None], strategy: Strategy, num_hospitals: int, timeout: float, all_or_nothing: bool
+    main: Callable[[Federation], None], strategy: Strategy, num_hospitals: int, timeout: float, all_or_nothing: bool, seed: int
 ) -> ServerApp:
     """A ServerApp that hands `main` a Federation over the simulation's grid."""
     app = ServerApp()
 
     @app.main()
     def _main(grid: Grid, context: Context) -> None:
-        main(Federation(grid, strategy, num_hospitals, timeout, all_or_nothing))
+        main(Federation(grid, strategy, num_hospitals, timeout, all_or_nothing, seed))
 
     return app
 

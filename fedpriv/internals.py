@@ -197,12 +197,16 @@ _STRATEGY_STATE = {
 }
 
 
-def _strategies(strategy) -> list:
-    """The strategy and, for a DP wrapper, the strategy it wraps."""
-    from flwr.serverapp.strategy import DifferentialPrivacyServerSideAdaptiveClipping, DifferentialPrivacyServerSideFixedClipping
+#: Strategies that wrap another (its `.strategy`): fedpriv's and Flower's server-side DP wrappers.
+_WRAPPERS = ("HospitalOrdered", "DifferentialPrivacyServerSideAdaptiveClipping", "DifferentialPrivacyServerSideFixedClipping")
 
-    wrappers = (DifferentialPrivacyServerSideAdaptiveClipping, DifferentialPrivacyServerSideFixedClipping)
-    return [strategy, strategy.strategy] if isinstance(strategy, wrappers) else [strategy]
+
+def _strategies(strategy) -> list:
+    """The strategy and every strategy it wraps."""
+    parts = [strategy]
+    while type(parts[-1]).__name__ in _WRAPPERS:
+        parts.append(parts[-1].strategy)
+    return parts
 
 
 def strategy_state(strategy) -> dict:

@@ -12,7 +12,6 @@ from pathlib import Path
 import torch
 
 from fedpriv.checkpoint import Checkpoint
-from fedpriv.client import round_seed
 from fedpriv.data.records import ImageRecords, SplitData
 from fedpriv.devices import backend_device
 from fedpriv.ema import update_average
@@ -23,9 +22,10 @@ from fedpriv.metrics import auroc, binary_metrics, bootstrap_interval, choose_th
 from fedpriv.models import build_model
 from fedpriv.outputs import RunDirectory, describe_round, write_json
 from fedpriv.priors.start import starting_weights
+from fedpriv.protocol import NUM_EXAMPLES
 from fedpriv.privacy.accounting import epsilon_spent
 from fedpriv.privacy.hospital_state import history_from_metrics
-from fedpriv.privacy.plan import classifier_mechanism, fits_budget
+from fedpriv.privacy.plan import central_noise_multiplier, classifier_mechanism, fits_budget
 from fedpriv.privacy.ledger import PrivacyLedger
 from fedpriv.settings import RunSettings, run_settings_dict
 from fedpriv.training import predict
@@ -34,7 +34,6 @@ from fedpriv.synthetic.fidelity import pool_fidelity, trusted_hospitals
 from fedpriv.synthetic.pool import SyntheticPool
 from fedpriv.synthetic.prior import gan_prior
 from fedpriv.synthetic.share import FIDELITY_FILE, SYNTHETIC_DIR, share_synthetic
-from strategies import central_noise_multiplier
 
 #: The global model after synthetic pretraining (synthetic=pretrain), before round 1.
 PRETRAINED_FILE = f"{SYNTHETIC_DIR}/pretrained.pt"
@@ -156,8 +155,7 @@ def run_rounds(
     central_sigma = central_noise_multiplier(settings) if settings.privacy.central else None
     for server_round in range(first_round, settings.rounds + 1):
         started = time.perf_counter()
-        seed = round_seed(settings.seed, server_round, -1)
-        outcome = federation.train_round(server_round, weights, {"rounds": settings.rounds}, seed)
+        outcome = federation.train_round(server_round, weights, {"rounds": settings.rounds})
         for hospital, reason in outcome.failed.items():
             log.warning("round %d: hospital %s failed: %s", server_round, hospital, reason)
         for hospital in outcome.exhausted:
@@ -329,5 +327,5 @@ def _failed_hospitals(lines: list[dict]) -> set[int]:
 
 def _weighted_mean(trained: dict[int, dict], key: str) -> float:
     reports = [trained[h] for h in sorted(trained)]  # a fixed order: float sums do not commute
-    total = sum(m["num-examples"] for m in reports)
-    return sum(m[key] * m["num-examples"] for m in reports) / total
+    total = sum(m[NUM_EXAMPLES] for m in reports)
+    return sum(m[key] * m[NUM_EXAMPLES] for m in reports) / total

@@ -226,7 +226,7 @@ class _ScriptedFederation:
     def describe_hospitals(self, hospitals=None) -> dict:
         return {0: {"num_examples": 1}}
 
-    def train_round(self, server_round, weights, config, seed) -> RoundOutcome:
+    def train_round(self, server_round, weights, config) -> RoundOutcome:
         released = {k: torch.full_like(v, float(server_round)) for k, v in self.template.items()}
         return RoundOutcome(trained={0: {"train_loss": 0.0, "num-examples": 1, "seconds": 0.0}}, weights=released)
 
@@ -248,7 +248,7 @@ def test_ema_model_is_the_exponential_average_of_the_round_weights(tmp_path):
 class _RandomModelsFederation(_ScriptedFederation):
     """Round r releases a freshly initialised model (seed r): validation AUROC differs by round."""
 
-    def train_round(self, server_round, weights, config, seed) -> RoundOutcome:
+    def train_round(self, server_round, weights, config) -> RoundOutcome:
         torch.manual_seed(server_round)
         released = {k: torch.randn_like(v) if v.is_floating_point() else v for k, v in self.template.items()}
         return RoundOutcome(trained={0: {"train_loss": 0.0, "num-examples": 1, "seconds": 0.0}}, weights=released)
@@ -269,7 +269,7 @@ def test_best_val_selection_keeps_the_best_validation_round_and_scores_the_test_
     assert len(set(val)) > 1  # the rounds really differ, so the choice is not trivially the last
     best = val.index(max(val))
     assert evaluation["round"] == lines[best]["round"] and evaluation["val_auroc"] == max(val)
-    assert _close(final, federation.train_round(best + 1, None, None, None).weights)
+    assert _close(final, federation.train_round(best + 1, None, None).weights)
     assert _close(torch.load(tmp_path / "model.pt"), final)  # the saved model is the chosen one
     assert evaluation["auroc"] == pytest.approx(evaluate(s, final, splits)["auroc"])
     with pytest.raises(FedprivError, match="evaluation.select"):

@@ -80,11 +80,11 @@ def test_too_few_nodes_stop_the_run_naming_num_clients(tmp_path, monkeypatch):
     the setting. On Flower's simulation engine: num_clients=2, one node."""
     from fedpriv import federation
     from fedpriv.client import HospitalTrainer
-    from strategies import build_strategy
+    from fedpriv.experiment import run_strategy
 
     monkeypatch.setattr(federation, "DISCOVERY_TIMEOUT", 2.0)
     settings = make_settings(TINY)
-    server = federation.build_server_app(lambda f: f.describe_hospitals(), build_strategy(settings), 2, 60.0, False)
+    server = federation.build_server_app(lambda f: f.describe_hospitals(), run_strategy(settings), 2, 60.0, False, settings.seed)
     client = federation.build_client_app(lambda context: HospitalTrainer(settings, str(tmp_path)))
     with pytest.raises(FedprivError, match=r"only [01] of num_clients=2 hospitals connected within 2 s.*num-supernodes=2"):
         federation.run_federation(server, client, 1, settings.backend)

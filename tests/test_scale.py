@@ -96,8 +96,8 @@ class FakeFederation:
         self.queries.append(asked)
         return {h: {"num_examples": 4} for h in asked}
 
-    def train_round(self, server_round, weights, config, seed):
-        sampled = np.random.default_rng(seed).choice(self.num_hospitals, 10, replace=False).tolist()
+    def train_round(self, server_round, weights, config):
+        sampled = np.random.default_rng(server_round).choice(self.num_hospitals, 10, replace=False).tolist()
         outcome = RoundOutcome(weights=self.weights)
         for h in sampled:
             outcome.trained[h] = {"num-examples": 4, "train_loss": 0.5, "seconds": 0.01}

@@ -28,11 +28,12 @@ def test_study_script_runs_a_known_experiment(script):
     assert named and all((n[0] or n[1]) in EXPERIMENTS for n in named)
 
 
-@pytest.mark.parametrize("setting", ["none", "augment", "pretrain"])
+@pytest.mark.parametrize("setting", ["augment", "pretrain"])
 def test_synthetic_study_settings_compose_with_an_accounted_gan(setting):
     settings = make_settings(["+experiment=synthetic_cbis", "data.root=/data", f"synthetic={setting}"])
     assert settings.privacy.delta == 1e-4 and settings.synthetic.name == setting
-    assert setting == "none" or settings.synthetic.dp  # the paper's GAN was not private; ours is
+    assert settings.synthetic.dp and settings.synthetic.federated  # the paper's GAN was not private; ours is
+    assert settings.prior.name == "random_process" and settings.training.freeze == "backbone"  # on top of the recipe
 
 
 @pytest.mark.slow
@@ -48,15 +49,15 @@ def test_fairness_study_runs_shrunken_end_to_end(tmp_path):
 
 @pytest.mark.slow
 def test_synthetic_study_runs_shrunken_end_to_end_on_cbis(tmp_path, cbis_root):
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"EPSILONS": "6", "SEEDS": "0", "SETTINGS": "none,pretrain"}
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"EPSILONS": "6", "SEEDS": "0", "SETTINGS": "pretrain"}
     tiny = [f"data.root={cbis_root}", "rounds=1", "local_epochs=1", "evaluation.bootstrap=0", "data.image_size=32",
-            "++synthetic.epochs=1", "++synthetic.train_epochs=1", "++synthetic.samples_per_class=10"]
+            "synthetic.epochs=1", "synthetic.rounds=1", "synthetic.train_epochs=1", "synthetic.samples_per_class=10"]
     proc = subprocess.run(["bash", str(ROOT / "simulations" / "synthetic_cbis.sh"), str(tmp_path), *tiny],
                           capture_output=True, text=True, timeout=1800, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     for setup in ("federated", "central"):
         report = (tmp_path / setup / "report" / "report.md").read_text()
-        assert "| pretrain |" in report and "| none |" in report
+        assert "| pretrain |" in report
 def test_recipe_study_smoke_run_writes_the_report_table(tmp_path):
     """simulations/scratch_cbis.sh shrunk to one ε, one seed, the central part and one ablation,
     1 round, on a written CBIS-like folder with an external test folder: the report has the

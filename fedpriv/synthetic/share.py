@@ -16,6 +16,7 @@ from pathlib import Path
 
 from fedpriv.errors import FedprivError
 from fedpriv.outputs import write_json
+from fedpriv.protocol import NUM_EXAMPLES
 from fedpriv.settings import RunSettings
 import torch
 
@@ -122,7 +123,7 @@ def _train_federated_gan(federation, settings: RunSettings, folder: Path):
         released, failed = federation.train_gan_round(gan_round, weights)
         if failed:
             raise _not_every_hospital(settings, failed, f"finished GAN round {gan_round}")
-        weights = average_networks({h: (arrays, metrics["num-examples"]) for h, (arrays, metrics) in released.items()})
+        weights = average_networks({h: (arrays, metrics[NUM_EXAMPLES]) for h, (arrays, metrics) in released.items()})
         for hospital, (_, metrics) in released.items():
             seconds[hospital] = seconds.get(hospital, 0.0) + metrics["gan_seconds"]
             reports[hospital] = metrics  # the latest reply carries the hospital's whole record

@@ -1,29 +1,20 @@
 """Flower strategies fedpriv configures, by name (the `strategy=` config group).
 
 All are Flower's own message-API strategies; fedpriv only sets them up for server-side
-evaluation (hospitals do not evaluate) and waits for the whole federation to connect.
+evaluation (hospitals do not evaluate) and waits for the whole federation to connect, wraps
+them for client-level DP (client_level_dp) and for seeded, hospital-ordered sampling and
+aggregation (hospital_ordered, applied by fedpriv.federation).
 """
 
 from __future__ import annotations
 
 from flwr.app import MetricRecord
-from flwr.serverapp.strategy import (
-    DifferentialPrivacyServerSideAdaptiveClipping,
-    DifferentialPrivacyServerSideFixedClipping,
-    FedAdam,
-    FedAvg,
-    FedProx,
-    FedYogi,
-    Strategy,
-)
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, FedYogi, Strategy
 
 from fedpriv.errors import FedprivError
-from fedpriv.privacy.plan import central_noise_multiplier
-from fedpriv.settings import RunSettings, StrategySettings
-
-#: Metric every hospital reports as 1: the aggregation weight under client-level DP (privacy=central), where a
-#: hospital's update must count the same whatever its size (sensitivity C / sampled).
-UNIFORM_WEIGHT = "uniform-weight"
+from fedpriv.protocol import NUM_EXAMPLES, UNIFORM_WEIGHT
+from fedpriv.settings import PrivacySettings, StrategySettings
+from fedpriv.strategies.client_level_dp import with_client_level_dp
 
 
 def clients_per_round(settings: StrategySettings, num_clients: int) -> int:
@@ -75,34 +66,15 @@ def fedyogi(settings: StrategySettings, sampling: dict) -> Strategy:
 STRATEGIES = {"fedavg": fedavg, "fedprox": fedprox, "fedadam": fedadam, "fedyogi": fedyogi}
 
 
-def build_strategy(settings: RunSettings) -> Strategy:
-    """The configured Flower strategy; under client-level DP (privacy=central) wrapped in Flower's server-side
-    fixed- or adaptive-clipping DP wrapper, with uniform weights.
-
-    Adaptive clipping also releases a noisy count of clipped updates (std σ_b); Flower then
-    noises the update with σ_Δ = (σ⁻² − (2σ_b)⁻²)^-½ so that both releases together are a
-    Gaussian mechanism with noise multiplier σ (Andrew et al. 2021) — the ledger's σ.
-    """
-    st, n = settings.strategy, settings.num_clients
-    if st.name not in STRATEGIES:
-        raise FedprivError(f"strategy={st.name!r} is unknown; choose one of {sorted(STRATEGIES)}")
-    central = settings.privacy.central
-    strategy = STRATEGIES[st.name](st, _sampling(st, n, UNIFORM_WEIGHT if central else "num-examples"))
+def build_strategy(
+    settings: StrategySettings, privacy: PrivacySettings, num_clients: int, central_noise_multiplier: float | None
+) -> Strategy:
+    """The configured Flower strategy; under client-level DP (privacy=central, σ =
+    `central_noise_multiplier`) wrapped in Flower's server-side DP wrapper, with uniform weights."""
+    if settings.name not in STRATEGIES:
+        raise FedprivError(f"strategy={settings.name!r} is unknown; choose one of {sorted(STRATEGIES)}")
+    central = privacy.central
+    strategy = STRATEGIES[settings.name](settings, _sampling(settings, num_clients, UNIFORM_WEIGHT if central else NUM_EXAMPLES))
     if not central:
         return strategy
-    p, sigma, sampled = settings.privacy, central_noise_multiplier(settings), clients_per_round(st, n)
-    if p.clipping == "adaptive":
-        return DifferentialPrivacyServerSideAdaptiveClipping(
-            strategy,
-            noise_multiplier=sigma,
-            num_sampled_clients=sampled,
-            initial_clipping_norm=p.update_clip_norm,
-            target_clipped_quantile=p.target_clipped_quantile,
-            clip_norm_lr=p.clip_norm_lr,
-            # Flower's default m/20 only works for hundreds of hospitals; σ_b = max(m/20, σ)
-            # keeps the update's noise within 1.16σ for small federations.
-            clipped_count_stddev=max(sampled / 20, sigma),
-        )
-    return DifferentialPrivacyServerSideFixedClipping(
-        strategy, noise_multiplier=sigma, clipping_norm=p.update_clip_norm, num_sampled_clients=sampled
-    )
+    return with_client_level_dp(strategy, privacy, central_noise_multiplier, clients_per_round(settings, num_clients))
