@@ -28,6 +28,7 @@ from fedpriv.outputs import RunDirectory
 from fedpriv.priors.start import starting_weights
 from fedpriv.privacy.accounting import epsilon_spent
 from fedpriv.provenance import provenance
+from fedpriv.records import Summary
 from fedpriv.privacy.plan import central_noise_multiplier, classifier_mechanism, gan_mechanism
 from fedpriv.privacy.ledger import PrivacyLedger
 from fedpriv.checkpoint import Checkpoint
@@ -119,6 +120,7 @@ def run_experiment(
             if settings.audit.name == "mia":
                 summary["audit"] = run_audit(settings, result["weights"], splits, shards, summary["privacy"])
             summary["provenance"] = origin
+            summary = Summary(**summary).to_dict()
             tracker.log_summary(summary, run.write_json("summary.json", summary))
     return summary
 

@@ -23,6 +23,7 @@ from fedpriv.models import build_model
 from fedpriv.outputs import RunDirectory, describe_round, write_json
 from fedpriv.priors.start import starting_weights
 from fedpriv.protocol import NUM_EXAMPLES
+from fedpriv.records import RoundLine
 from fedpriv.privacy.accounting import epsilon_spent
 from fedpriv.privacy.hospital_state import history_from_metrics
 from fedpriv.privacy.plan import central_noise_multiplier, classifier_mechanism, fits_budget
@@ -195,7 +196,7 @@ def run_rounds(
         train_seconds = time.perf_counter() - started
         epsilons = _epsilons(ledger, settings, hospitals, unconfirmed, facts) if settings.privacy.local else None
         current = _final(weights, average)
-        line = {
+        line = RoundLine(**{
             "round": server_round,
             **evaluate(settings, current, splits, test=not select_on_val),
             "train_loss": _weighted_mean(outcome.trained, "train_loss"),
@@ -210,7 +211,7 @@ def run_rounds(
             "client_seconds": {str(h): m["seconds"] for h, m in outcome.trained.items()},
             "train_seconds": train_seconds,
             "seconds": time.perf_counter() - started,
-        }
+        }).to_dict()
         run.append_metrics(line)
         log.info(describe_round(line, settings.rounds))
         on_round(line)
