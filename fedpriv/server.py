@@ -7,6 +7,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -136,102 +137,160 @@ def run_rounds(
     appended to metrics.jsonl as they come), the final model and its evaluation (with the
     round it comes from). The final model is the global weights, or their moving average
     under evaluation.ema, of the last round or, under evaluation.select=best_val, of the
-    round with the best validation AUROC. A checkpoint is written after every round."""
+    round with the best validation AUROC. A checkpoint is written after every round.
+
+    Each round: sample → send → aggregate (the federation and its strategy), account, apply
+    the release, evaluate, record, checkpoint."""
     seed_flower_dp_noise(settings.seed)  # privacy=central
+    state = _start(federation, settings, ledger, resume_from)
+    if settings.synthetic.enabled:
+        state.weights = _use_synthetic(federation, settings, run, ledger, state.weights, state.first_round, splits.val)
+    for server_round in range(state.first_round, settings.rounds + 1):
+        started = time.perf_counter()
+        outcome = federation.train_round(server_round, state.weights, {"rounds": settings.rounds})
+        if not _account(outcome, server_round, state, federation, settings, run, ledger):
+            break
+        released = _apply(outcome, server_round, state, settings, ledger)
+        line = _round_line(outcome, server_round, state, settings, splits, ledger, released, started)
+        _record(line, server_round, state, settings, run, on_round)
+        Checkpoint.capture(
+            server_round, state.weights, state.lines, ledger.to_dict(state.hospitals), federation.strategy,
+            run_settings_dict(settings), state.average, state.selected,
+        ).save(run.path)
+    return _finish(federation, settings, splits, run, ledger, state)
+
+
+@dataclass
+class RoundsState:
+    """What the server carries from round to round (a checkpoint holds it)."""
+
+    weights: dict[str, torch.Tensor]
+    hospitals: list[int]
+    facts: dict[int, dict]  # what each hospital said about itself at discovery
+    lines: list[dict] = field(default_factory=list)
+    first_round: int = 1
+    average: dict[str, torch.Tensor] | None = None  # evaluation.ema
+    selected: dict | None = None  # evaluation.select=best_val: the best round so far
+    unconfirmed: dict[int, int] = field(default_factory=dict)  # hospital → rounds it failed in since its record was last read
+
+    @property
+    def current(self) -> dict[str, torch.Tensor]:
+        """The model a round evaluates: the moving average once there is one."""
+        return _final(self.weights, self.average)
+
+
+def _start(federation: Federation, settings: RunSettings, ledger: PrivacyLedger, resume_from: Checkpoint | None) -> RoundsState:
+    """The starting model (or the checkpoint's state), after discovering the hospitals."""
     weights, public_steps = starting_weights(settings.model, settings.prior, settings.data.image_size, settings.seed)
-    lines, first_round, average, selected = [], 1, None, None
-    select_on_val = settings.evaluation.select == "best_val"
+    resumed = {}
     if resume_from is not None:
-        weights, lines, first_round = resume_from.weights, list(resume_from.lines), resume_from.round + 1
-        average, selected = resume_from.ema, resume_from.selected
+        resumed = dict(weights=resume_from.weights, lines=list(resume_from.lines), first_round=resume_from.round + 1,
+                       average=resume_from.ema, selected=resume_from.selected)
         restore_strategy_state(federation.strategy, resume_from.strategy)
         resume_from.restore_rngs()
     else:
         ledger.public = public_steps  # how the run started: steps that touched no private record (ε = 0)
     facts = federation.describe_hospitals()
     hospitals = _sync_ledger(ledger, settings, facts)
-    unconfirmed: dict[int, int] = {}  # hospital → rounds it failed in since its record was last read
-    if settings.synthetic.enabled:
-        weights = _use_synthetic(federation, settings, run, ledger, weights, first_round, splits.val)
-    central_sigma = central_noise_multiplier(settings) if settings.privacy.central else None
-    for server_round in range(first_round, settings.rounds + 1):
-        started = time.perf_counter()
-        outcome = federation.train_round(server_round, weights, {"rounds": settings.rounds})
-        for hospital, reason in outcome.failed.items():
-            log.warning("round %d: hospital %s failed: %s", server_round, hospital, reason)
-        for hospital in outcome.exhausted:
-            log.warning("round %d: hospital %s declined: its privacy budget would be exceeded", server_round, hospital)
-        if settings.privacy.local:  # spent by every hospital that trained, released or not
-            _sync_ledger(ledger, settings, {**outcome.trained, **outcome.exhausted})
-            for hospital in [*outcome.trained, *outcome.exhausted]:  # their replies carried their whole record
-                unconfirmed.pop(hospital, None)
-            for hospital in outcome.failed:
-                unconfirmed[hospital] = unconfirmed.get(hospital, 0) + 1
-        if outcome.exhausted and not outcome.trained and not outcome.failed:
-            if not lines:
-                raise FedprivError(
-                    f"privacy.budget_epsilon={settings.privacy.budget} is below what one round costs; "
-                    "raise it, or lower local_epochs"
-                )
-            log.warning("round %d: no hospital can train within its privacy budget; the run ends", server_round)
-            break
-        if len(outcome.trained) < settings.faults.min_replies:
-            reasons = "; ".join(f"hospital {h}: {r}" for h, r in outcome.failed.items()) or "no replies"
-            # spent before failing: only hospitals that failed can hold sessions the ledger lacks
-            _sync_ledger(ledger, settings, federation.describe_hospitals(_failed_hospitals(lines) | set(outcome.failed)))
-            ledger.save(run.path / "ledger.json", hospitals, settings.privacy.local, settings.privacy.central)
+    return RoundsState(**{"weights": weights, **resumed, "hospitals": hospitals, "facts": facts})
+
+
+def _account(outcome, server_round: int, state: RoundsState, federation, settings: RunSettings, run: RunDirectory, ledger: PrivacyLedger) -> bool:
+    """Take what the hospitals spent into the ledger and apply the failure policy: False when
+    no hospital can train within its budget (the run ends); too few replies stop the run."""
+    for hospital, reason in outcome.failed.items():
+        log.warning("round %d: hospital %s failed: %s", server_round, hospital, reason)
+    for hospital in outcome.exhausted:
+        log.warning("round %d: hospital %s declined: its privacy budget would be exceeded", server_round, hospital)
+    if settings.privacy.local:  # spent by every hospital that trained, released or not
+        _sync_ledger(ledger, settings, {**outcome.trained, **outcome.exhausted})
+        for hospital in [*outcome.trained, *outcome.exhausted]:  # their replies carried their whole record
+            state.unconfirmed.pop(hospital, None)
+        for hospital in outcome.failed:
+            state.unconfirmed[hospital] = state.unconfirmed.get(hospital, 0) + 1
+    if outcome.exhausted and not outcome.trained and not outcome.failed:
+        if not state.lines:
             raise FedprivError(
-                f"round {server_round}: {len(outcome.trained)} hospital(s) trained, fewer than "
-                f"faults.min_replies={settings.faults.min_replies} ({reasons})"
+                f"privacy.budget_epsilon={settings.privacy.budget} is below what one round costs; "
+                "raise it, or lower local_epochs"
             )
-        released = outcome.weights is not None
-        if released:
-            weights = outcome.weights
-            if settings.evaluation.ema is not None:
-                average = update_average(average, weights, settings.evaluation.ema)
-            if settings.privacy.central:
-                ledger.record_release(server_round, central_sigma, 1.0)
-        else:
-            log.warning("round %d: not every sampled hospital replied; under client-level DP (privacy=central) the round is not released", server_round)
-        train_seconds = time.perf_counter() - started
-        epsilons = _epsilons(ledger, settings, hospitals, unconfirmed, facts) if settings.privacy.local else None
-        current = _final(weights, average)
-        line = RoundLine(**{
-            "round": server_round,
-            **evaluate(settings, current, splits, test=not select_on_val),
-            "train_loss": _weighted_mean(outcome.trained, "train_loss"),
-            "epsilon": epsilons,
-            "max_epsilon": max(epsilons.values()) if epsilons else None,
-            "epsilon_unconfirmed": sorted(unconfirmed),
-            "client_epsilon": ledger.client_level_epsilon() if settings.privacy.central else None,
-            "released": released,
-            "hospitals_trained": sorted(outcome.trained),
-            "hospitals_failed": {str(h): r for h, r in outcome.failed.items()},
-            "hospitals_exhausted": sorted(outcome.exhausted),
-            "client_seconds": {str(h): m["seconds"] for h, m in outcome.trained.items()},
-            "train_seconds": train_seconds,
-            "seconds": time.perf_counter() - started,
-        }).to_dict()
-        run.append_metrics(line)
-        log.info(describe_round(line, settings.rounds))
-        on_round(line)
-        lines.append(line)
-        if select_on_val and _better(line["val_auroc"], selected):
-            selected = {"round": server_round, "val_auroc": line["val_auroc"], "weights": {k: v.clone() for k, v in current.items()}}
-        Checkpoint.capture(
-            server_round, weights, lines, ledger.to_dict(hospitals), federation.strategy, run_settings_dict(settings),
-            average, selected,
-        ).save(run.path)
+        log.warning("round %d: no hospital can train within its privacy budget; the run ends", server_round)
+        return False
+    if len(outcome.trained) < settings.faults.min_replies:
+        reasons = "; ".join(f"hospital {h}: {r}" for h, r in outcome.failed.items()) or "no replies"
+        # spent before failing: only hospitals that failed can hold sessions the ledger lacks
+        _sync_ledger(ledger, settings, federation.describe_hospitals(_failed_hospitals(state.lines) | set(outcome.failed)))
+        ledger.save(run.path / "ledger.json", state.hospitals, settings.privacy.local, settings.privacy.central)
+        raise FedprivError(
+            f"round {server_round}: {len(outcome.trained)} hospital(s) trained, fewer than "
+            f"faults.min_replies={settings.faults.min_replies} ({reasons})"
+        )
+    return True
+
+
+def _apply(outcome, server_round: int, state: RoundsState, settings: RunSettings, ledger: PrivacyLedger) -> bool:
+    """The aggregate becomes the global model (and enters the moving average; under
+    client-level DP the release is recorded); False when the round was withheld."""
+    if outcome.weights is None:
+        log.warning("round %d: not every sampled hospital replied; under client-level DP (privacy=central) the round is not released", server_round)
+        return False
+    state.weights = outcome.weights
+    if settings.evaluation.ema is not None:
+        state.average = update_average(state.average, state.weights, settings.evaluation.ema)
+    if settings.privacy.central:
+        ledger.record_release(server_round, central_noise_multiplier(settings), 1.0)
+    return True
+
+
+def _round_line(outcome, server_round: int, state: RoundsState, settings: RunSettings, splits: SplitData,
+                ledger: PrivacyLedger, released: bool, started: float) -> dict:
+    """The round's metrics line: the current model evaluated (validation only under
+    evaluation.select=best_val), ε so far, who trained, failed or declined, and times."""
+    train_seconds = time.perf_counter() - started
+    epsilons = _epsilons(ledger, settings, state.hospitals, state.unconfirmed, state.facts) if settings.privacy.local else None
+    return RoundLine(**{
+        "round": server_round,
+        **evaluate(settings, state.current, splits, test=settings.evaluation.select != "best_val"),
+        "train_loss": _weighted_mean(outcome.trained, "train_loss"),
+        "epsilon": epsilons,
+        "max_epsilon": max(epsilons.values()) if epsilons else None,
+        "epsilon_unconfirmed": sorted(state.unconfirmed),
+        "client_epsilon": ledger.client_level_epsilon() if settings.privacy.central else None,
+        "released": released,
+        "hospitals_trained": sorted(outcome.trained),
+        "hospitals_failed": {str(h): r for h, r in outcome.failed.items()},
+        "hospitals_exhausted": sorted(outcome.exhausted),
+        "client_seconds": {str(h): m["seconds"] for h, m in outcome.trained.items()},
+        "train_seconds": train_seconds,
+        "seconds": time.perf_counter() - started,
+    }).to_dict()
+
+
+def _record(line: dict, server_round: int, state: RoundsState, settings: RunSettings, run: RunDirectory, on_round) -> None:
+    """Write and show the line; under evaluation.select=best_val keep the round if it is the best so far."""
+    run.append_metrics(line)
+    log.info(describe_round(line, settings.rounds))
+    on_round(line)
+    state.lines.append(line)
+    if settings.evaluation.select == "best_val" and _better(line["val_auroc"], state.selected):
+        state.selected = {"round": server_round, "val_auroc": line["val_auroc"], "weights": {k: v.clone() for k, v in state.current.items()}}
+
+
+def _finish(federation, settings: RunSettings, splits: SplitData, run: RunDirectory, ledger: PrivacyLedger,
+            state: RoundsState) -> tuple[list[dict], dict[str, torch.Tensor], dict]:
+    """The final model, its one evaluation on the test split, and the ledger, complete."""
     # Hospitals that trained and then failed have spent privacy the server never heard of;
     # every other one reported its whole record with its reply (resumes: at discovery).
-    _sync_ledger(ledger, settings, federation.describe_hospitals(_failed_hospitals(lines)))
+    _sync_ledger(ledger, settings, federation.describe_hospitals(_failed_hospitals(state.lines)))
+    lines, selected = state.lines, state.selected
     if selected is not None:  # the test split's one evaluation, for the chosen model
         final, evaluation = selected["weights"], {"round": selected["round"], **evaluate(settings, selected["weights"], splits)}
     else:  # select=last, or no round had a defined validation AUROC
-        final = _final(weights, average)
+        final = state.current
+        select_on_val = settings.evaluation.select == "best_val"
         evaluation = lines[-1] if not select_on_val else {"round": lines[-1]["round"], **evaluate(settings, final, splits)}
     run.save_weights(final)
-    ledger.save(run.path / "ledger.json", hospitals, settings.privacy.local, settings.privacy.central)
+    ledger.save(run.path / "ledger.json", state.hospitals, settings.privacy.local, settings.privacy.central)
     return lines, final, evaluation
 
 
