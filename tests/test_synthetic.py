@@ -372,3 +372,14 @@ def test_pretraining_under_a_frozen_backbone_trains_the_head_alone():
     head = classifier_parameters(build_model(settings.model, settings.data.image_size))
     changed = {k for k in start if not torch.equal(start[k], pretrained[k])}
     assert changed and changed <= head
+
+
+def test_the_generator_step_leaves_a_frozen_part_of_the_discriminator_frozen():
+    from fedpriv.synthetic.train import frozen
+
+    discriminator = ConditionalDiscriminator(GanShape(32, latent_dim=16, width=8))
+    discriminator.label_map.requires_grad_(False)  # e.g. a public part that DP-SGD must not train
+    with frozen(discriminator):
+        assert not any(p.requires_grad for p in discriminator.parameters())
+    assert not discriminator.label_map.weight.requires_grad
+    assert all(p.requires_grad for name, p in discriminator.named_parameters() if not name.startswith("label_map"))

@@ -36,13 +36,16 @@ def frozen(discriminator: nn.Module):
     """No gradients into the discriminator (and no per-sample hooks under Opacus) while the
     generator learns through it."""
     hooks = hasattr(discriminator, "disable_hooks")
-    discriminator.requires_grad_(False)
+    trainable = [p for p in discriminator.parameters() if p.requires_grad]
+    for parameter in trainable:
+        parameter.requires_grad_(False)
     if hooks:
         discriminator.disable_hooks()
     try:
         yield
     finally:
-        discriminator.requires_grad_(True)
+        for parameter in trainable:  # exactly these again: a frozen part stays frozen
+            parameter.requires_grad_(True)
         if hooks:
             discriminator.enable_hooks()
 
