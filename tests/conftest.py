@@ -1,4 +1,5 @@
-"""Shared fixtures: composed configs, tiny settings, and the real-data location."""
+"""Shared fixtures: composed configs, tiny settings, finished runs that several tests read,
+and the real-data location."""
 
 from __future__ import annotations
 
@@ -43,7 +44,8 @@ def make_settings(overrides: list[str]) -> RunSettings:
 #: (central) DP, 3 of 4 hospitals sampled per round, FedYogi with adaptive clipping, two
 #: hospitals training at once (2 CPUs, 1 per hospital). Shared by test_simulation (accounting
 #: under sampling, a server optimiser under central DP), test_determinism (the same run one
-#: hospital at a time) and test_resume (the result a killed and resumed run must reproduce).
+#: hospital at a time, and with the hospitals in the test process) and test_resume (the
+#: result a killed and resumed run must reproduce).
 SAMPLED_LOCAL_CENTRAL = [
     *TINY, "num_clients=4", "rounds=3", "strategy=fedyogi", "strategy.clients_per_round=3",
     "privacy=local_central", "privacy.target_epsilon=4", "privacy.client_target_epsilon=5",
@@ -51,28 +53,28 @@ SAMPLED_LOCAL_CENTRAL = [
 ]
 
 #: The centralized non-private baseline (one hospital holds all training data), audited.
-#: Shared by test_simulation (it equals local training) and test_report (the non-private run).
+#: Shared by test_simulation (it equals local training), test_report (the non-private run)
+#: and test_outputs (the threshold chosen on validation).
 CENTRAL_BASELINE = [*TINY, "num_clients=1", "privacy=none", "audit=mia"]
 
 
 @pytest.fixture(scope="session")
 def sampled_local_central_run(tmp_path_factory):
-    """The finished run of SAMPLED_LOCAL_CENTRAL: (run directory, summary). Read it only."""
+    """The finished run of SAMPLED_LOCAL_CENTRAL on the engine: (run directory, summary). Read it only."""
+    from fedpriv.experiment import run_experiment
+
     run_dir = tmp_path_factory.mktemp("sampled_local_central")
-    return run_dir, _run(SAMPLED_LOCAL_CENTRAL, run_dir)
+    return run_dir, run_experiment(make_settings(SAMPLED_LOCAL_CENTRAL), run_dir)
 
 
 @pytest.fixture(scope="session")
 def central_baseline_run(tmp_path_factory):
-    """The finished run of CENTRAL_BASELINE: (run directory, summary). Read it only."""
+    """The finished run of CENTRAL_BASELINE, its hospital in this process: (run directory,
+    summary). Read it only."""
+    from in_process import run_in_process
+
     run_dir = tmp_path_factory.mktemp("central_baseline")
-    return run_dir, _run(CENTRAL_BASELINE, run_dir)
-
-
-def _run(overrides: list[str], run_dir: Path) -> dict:
-    from fedpriv.experiment import run_experiment
-
-    return run_experiment(make_settings(overrides), run_dir)
+    return run_dir, run_in_process(make_settings(CENTRAL_BASELINE), run_dir)
 
 
 @pytest.fixture

@@ -1,4 +1,6 @@
-"""End to end through the real Flower simulation engine on Ray, real Opacus, real timm."""
+"""End to end with real Flower, Opacus and timm: on Flower's simulation engine (Ray) where
+the engine is what is tested (sampling and concurrency, failures, timeouts), else with the
+hospitals in this process (tests/in_process.py)."""
 
 import json
 import math
@@ -15,6 +17,7 @@ from fedpriv.errors import FedprivError
 from fedpriv.server import initial_weights
 from fedpriv.experiment import run_experiment
 from fedpriv.models import SmallGroupNormCNN
+from in_process import run_in_process
 from test_accounting import dp_accounting_epsilon
 
 
@@ -35,7 +38,7 @@ LEAKY = [*AUDITED, "privacy=none", "local_epochs=25", "evaluation.bootstrap=0"]
 def private_run(tmp_path_factory):
     """(settings, run directory, summary, the lines on_round saw) of the finished PRIVATE run."""
     settings, run_dir, rounds_seen = make_settings(PRIVATE), tmp_path_factory.mktemp("private"), []
-    summary = run_experiment(settings, run_dir, on_round=rounds_seen.append)
+    summary = run_in_process(settings, run_dir, on_round=rounds_seen.append)
     return settings, run_dir, summary, rounds_seen
 
 
@@ -147,7 +150,7 @@ def test_short_federated_dp_run_on_cbis_ddsm(tmp_path, cbis_root):
         ["data=cbis_ddsm", f"data.root={cbis_root}", "data.image_size=32", "num_clients=3", "rounds=1",
          "local_epochs=1", "privacy.target_epsilon=6", "privacy.delta=1e-4"]
     )
-    summary = run_experiment(settings, tmp_path)
+    summary = run_in_process(settings, tmp_path)
     table = summary["partition"]
     assert len(table) == 3 and sum(row["images"] for row in table) == 1104
     assert all(row["patients"] > 0 for row in table)
@@ -170,7 +173,7 @@ def test_failure_reason_is_the_exception_message_without_ray_wrapping():
 def test_budget_stops_exactly_the_hospitals_that_would_exceed_it_and_the_run_ends_cleanly(tmp_path):
     # planned for ε=4 over 3 rounds; a cap of 2.6 allows one round (≈2.3) but not two (≈3.3)
     settings = make_settings([*TINY, "rounds=3", "privacy.target_epsilon=4", "privacy.budget_epsilon=2.6"])
-    summary = run_experiment(settings, tmp_path)
+    summary = run_in_process(settings, tmp_path)
     lines = read_lines(tmp_path)
     assert len(lines) == 1 and summary["rounds_completed"] == 1 and summary["rounds"] == 3
     for info in summary["privacy"]["hospitals"].values():
@@ -212,7 +215,7 @@ def test_local_and_central_dp_with_sampling_report_both_and_the_ledger_skips_uns
 
 def test_server_optimiser_under_central_dp(tmp_path):
     settings = make_settings([*TINY, "strategy=fedadam", "privacy=central", "privacy.client_target_epsilon=3"])
-    summary = run_experiment(settings, tmp_path)
+    summary = run_in_process(settings, tmp_path)
     lines = read_lines(tmp_path)
     assert summary["privacy"]["client_level"]["clipping"] == "fixed"
     assert all(line["released"] and math.isfinite(line["auroc"]) for line in lines)
@@ -232,9 +235,9 @@ def test_server_optimiser_with_adaptive_clipping_under_central_dp_and_local_dp(s
 
 
 def test_membership_audit_finds_leakage_without_dp_and_none_beyond_epsilon_1(tmp_path, private_run):
-    """audit=mia through the engine: an overfit non-private model leaks clearly more than an
+    """audit=mia on whole runs: an overfit non-private model leaks clearly more than an
     ε = 1 model, whose empirical ε lower bound stays below its accounted ε."""
-    leaky = run_experiment(make_settings(LEAKY), tmp_path / "none")["audit"]
+    leaky = run_in_process(make_settings(LEAKY), tmp_path / "none")["audit"]
     private = private_run[2]["audit"]
     assert private_run[0].privacy.target_epsilon == 1
 
@@ -307,7 +310,7 @@ def test_ct_volumes_run_the_federated_dp_simulation_with_a_3d_model(tmp_path):
     settings = make_settings(["data=phantom_ct", "model=cnn3d_small", "data.num_patients=80", "data.image_size=16",
                               "rounds=2", "local_epochs=1", "training.batch_size=8", "num_clients=2",
                               "evaluation.bootstrap=0", "privacy.target_epsilon=4"])
-    summary = run_experiment(settings, tmp_path)
+    summary = run_in_process(settings, tmp_path)
     assert summary["data"] == "phantom_ct" and summary["rounds_completed"] == 2
     assert summary["privacy"]["max_epsilon"] == pytest.approx(4.0, rel=0.02)
     assert set(summary["fairness"]) == {"site", "sex", "age", "hospital"}
