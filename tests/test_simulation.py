@@ -259,7 +259,9 @@ def test_membership_audit_finds_leakage_without_dp_and_none_beyond_epsilon_1(tmp
 
 def test_injected_crashes_and_hangs_complete_rounds_and_keep_the_privacy_spent(tmp_path):
     """Hospitals that train and then crash or hang: the round goes on with the rest, the
-    failures are logged and counted, and what they spent is in the ledger."""
+    failures are logged and counted, and what they spent is in the ledger. The server hears
+    of a failed hospital's spending only later, but no metrics line may show less than the
+    hospital's own record holds so far."""
     settings = make_settings(
         [*TINY, "num_clients=4", "rounds=2", "faults.client_failure_rate=0.25", "faults.client_hang_rate=0.15",
          "faults.client_timeout=20", "backend.client_resources.num_cpus=0.5"]  # 12 s was missed by every hospital on a loaded machine
@@ -275,21 +277,11 @@ def test_injected_crashes_and_hangs_complete_rounds_and_keep_the_privacy_spent(t
     ledger = json.loads((tmp_path / "ledger.json").read_text())
     recorded = {(e["round"], e["hospital"]) for e in ledger["entries"]}
     assert set(failed) <= recorded  # trained, then failed: spent all the same
+    assert lines[0]["hospitals_failed"]  # this seed has crashes in round 1, and the crashed hospital 0 hangs in round 2
     for h in range(4):
-        own = json.loads((tmp_path / "hospitals" / f"hospital_{h}.json").read_text())["spent"]
-        assert [(s["round"], s["steps"]) for s in own] == [(e["round"], e["steps"]) for e in ledger["entries"] if e["hospital"] == h]
-        assert summary["privacy"]["hospitals"][str(h)]["epsilon"] == pytest.approx(ledger["epsilon"][str(h)])
-
-
-def test_every_line_covers_what_hospitals_spent_before_failing(tmp_path):
-    """A hospital that trains and then crashes has spent its round; the server hears of it only
-    later, but no metrics line may show less than the hospital's own record holds so far."""
-    settings = make_settings([*TINY, "num_clients=3", "rounds=3", "seed=3", "faults.client_failure_rate=0.5"])
-    run_experiment(settings, tmp_path)
-    lines = read_lines(tmp_path)
-    assert lines[0]["hospitals_failed"]  # this seed has crashes, the first in round 1
-    for h in range(3):
         spent = json.loads((tmp_path / "hospitals" / f"hospital_{h}.json").read_text())["spent"]
+        assert [(s["round"], s["steps"]) for s in spent] == [(e["round"], e["steps"]) for e in ledger["entries"] if e["hospital"] == h]
+        assert summary["privacy"]["hospitals"][str(h)]["epsilon"] == pytest.approx(ledger["epsilon"][str(h)])
         for line in lines:
             so_far = [(s["noise_multiplier"], s["sample_rate"], s["steps"]) for s in spent if s["round"] <= line["round"]]
             assert line["epsilon"][str(h)] >= dp_accounting_epsilon(so_far, settings.privacy.delta) * (1 - 1e-3), (h, line["round"])
