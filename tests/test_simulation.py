@@ -257,14 +257,14 @@ def test_membership_audit_finds_leakage_without_dp_and_none_beyond_epsilon_1(tmp
     assert written["pooled"] == leaky["pooled"]
 
 
-def test_injected_crashes_and_hangs_complete_rounds_and_keep_the_privacy_spent(tmp_path):
+def test_injected_crashes_and_hangs_complete_rounds_and_keep_the_privacy_spent(tmp_path, ray_cluster):
     """Hospitals that train and then crash or hang: the round goes on with the rest, the
     failures are logged and counted, and what they spent is in the ledger. The server hears
     of a failed hospital's spending only later, but no metrics line may show less than the
     hospital's own record holds so far."""
     settings = make_settings(
         [*TINY, "num_clients=4", "rounds=2", "faults.client_failure_rate=0.25", "faults.client_hang_rate=0.15",
-         "faults.client_timeout=20", "backend.client_resources.num_cpus=0.5"]  # 12 s was missed by every hospital on a loaded machine
+         "faults.client_timeout=20", "backend.client_resources.num_cpus=0.5", *ray_cluster.overrides]  # 12 s was missed by every hospital on a loaded machine
     )
     summary = run_experiment(settings, tmp_path)
     lines = read_lines(tmp_path)
@@ -289,8 +289,8 @@ def test_injected_crashes_and_hangs_complete_rounds_and_keep_the_privacy_spent(t
                 assert h in line["epsilon_unconfirmed"]  # and it says that its record is not read yet
 
 
-def test_too_few_replies_stop_the_run_with_the_cause_and_keep_the_ledger(tmp_path):
-    settings = make_settings([*TINY, "faults.client_failure_rate=1.0", "faults.min_replies=1"])
+def test_too_few_replies_stop_the_run_with_the_cause_and_keep_the_ledger(tmp_path, ray_cluster):
+    settings = make_settings([*TINY, "faults.client_failure_rate=1.0", "faults.min_replies=1", *ray_cluster.overrides])
     with pytest.raises(FedprivError, match=r"round 1: 0 hospital\(s\) trained, fewer than faults\.min_replies=1.*injected failure"):
         run_experiment(settings, tmp_path)
     ledger = json.loads((tmp_path / "ledger.json").read_text())
