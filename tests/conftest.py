@@ -1,8 +1,17 @@
-"""Shared fixtures: composed configs, tiny settings, and the real-data location."""
+"""Shared fixtures: composed configs, tiny settings, finished runs that several tests read,
+one Ray cluster for the engine tests, and the real-data location."""
 
 from __future__ import annotations
 
 import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -43,7 +52,8 @@ def make_settings(overrides: list[str]) -> RunSettings:
 #: (central) DP, 3 of 4 hospitals sampled per round, FedYogi with adaptive clipping, two
 #: hospitals training at once (2 CPUs, 1 per hospital). Shared by test_simulation (accounting
 #: under sampling, a server optimiser under central DP), test_determinism (the same run one
-#: hospital at a time) and test_resume (the result a killed and resumed run must reproduce).
+#: hospital at a time, and with the hospitals in the test process) and test_resume (the
+#: result a killed and resumed run must reproduce).
 SAMPLED_LOCAL_CENTRAL = [
     *TINY, "num_clients=4", "rounds=3", "strategy=fedyogi", "strategy.clients_per_round=3",
     "privacy=local_central", "privacy.target_epsilon=4", "privacy.client_target_epsilon=5",
@@ -51,28 +61,93 @@ SAMPLED_LOCAL_CENTRAL = [
 ]
 
 #: The centralized non-private baseline (one hospital holds all training data), audited.
-#: Shared by test_simulation (it equals local training) and test_report (the non-private run).
+#: Shared by test_simulation (it equals local training), test_report (the non-private run)
+#: and test_outputs (the threshold chosen on validation).
 CENTRAL_BASELINE = [*TINY, "num_clients=1", "privacy=none", "audit=mia"]
 
 
 @pytest.fixture(scope="session")
 def sampled_local_central_run(tmp_path_factory):
-    """The finished run of SAMPLED_LOCAL_CENTRAL: (run directory, summary). Read it only."""
+    """The finished run of SAMPLED_LOCAL_CENTRAL on the engine: (run directory, summary). Read it only."""
+    from fedpriv.experiment import run_experiment
+
     run_dir = tmp_path_factory.mktemp("sampled_local_central")
-    return run_dir, _run(SAMPLED_LOCAL_CENTRAL, run_dir)
+    return run_dir, run_experiment(make_settings(SAMPLED_LOCAL_CENTRAL), run_dir)
 
 
 @pytest.fixture(scope="session")
 def central_baseline_run(tmp_path_factory):
-    """The finished run of CENTRAL_BASELINE: (run directory, summary). Read it only."""
+    """The finished run of CENTRAL_BASELINE, its hospital in this process: (run directory,
+    summary). Read it only."""
+    from in_process import run_in_process
+
     run_dir = tmp_path_factory.mktemp("central_baseline")
-    return run_dir, _run(CENTRAL_BASELINE, run_dir)
+    return run_dir, run_in_process(make_settings(CENTRAL_BASELINE), run_dir)
 
 
-def _run(overrides: list[str], run_dir: Path) -> dict:
-    from fedpriv.experiment import run_experiment
+#: Ray rewrites 127.0.0.1 to the host's interface address; another loopback address keeps
+#: every connection of the test cluster on the loopback interface.
+LOOPBACK = "127.0.0.2"
 
-    return run_experiment(make_settings(overrides), run_dir)
+
+@dataclass(frozen=True)
+class RayCluster:
+    """A Ray cluster this test session started: its address, its temp dir (logs), its head."""
+
+    address: str
+    temp_dir: Path
+    head: subprocess.Popen
+
+    @property
+    def overrides(self) -> list[str]:
+        """What attaches a run to it (it keeps running after the run)."""
+        return [f"backend.address={self.address}", f"+backend.init_args._node_ip_address={LOOPBACK}"]
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One Ray cluster (2 CPUs) for the engine tests that need no Ray of their own size: each
+    run attaches to it (RayCluster.overrides) instead of starting and stopping a local
+    instance; stopped at the end of the session."""
+    with started_ray_cluster() as cluster:
+        yield cluster
+
+
+@contextmanager
+def started_ray_cluster(num_cpus: int = 2):
+    """A Ray cluster started by `ray start --head` on loopback, stopped by its own process
+    group on leaving; never `ray stop`, never RAY_ADDRESS (no other cluster is touched)."""
+    temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths must fit
+    with socket.socket() as probe:
+        probe.bind((LOOPBACK, 0))
+        port = probe.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    head = subprocess.Popen(
+        ["ray", "start", "--head", f"--node-ip-address={LOOPBACK}", f"--port={port}", f"--num-cpus={num_cpus}",
+         "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp_dir}", "--block"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )
+    try:
+        deadline, seen = time.time() + 120, ""
+        while "Ray runtime started" not in seen and time.time() < deadline and head.poll() is None:
+            seen += head.stdout.readline()
+        assert "Ray runtime started" in seen, seen[-2000:]
+        yield RayCluster(f"{LOOPBACK}:{port}", Path(temp_dir), head)
+    finally:
+        _stop_group(head, signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            _stop_group(head, signal.SIGKILL)
+            head.wait()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _stop_group(process: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(process.pid, sig)
+    except ProcessLookupError:  # already gone
+        pass
 
 
 @pytest.fixture

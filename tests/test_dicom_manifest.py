@@ -15,7 +15,7 @@ from fedpriv.data.image_folder import read_split_folders
 from fedpriv.data.readers import ReadOptions, read_file
 from fedpriv.data.records import DataProblems
 from fedpriv.errors import FedprivError
-from fedpriv.experiment import run_experiment
+from in_process import run_in_process
 
 #: conftest.TINY without its phantom-only keys.
 SMALL_RUN = ["rounds=2", "local_epochs=1", "training.batch_size=8", "evaluation.bootstrap=50"]
@@ -77,7 +77,7 @@ def test_manifest_from_dicom_tags_trains_centralized_and_in_three_hospitals_with
 
     common = [*SMALL_RUN, "data=manifest", f"data.manifest={manifest}", "data.image_size=32", f"data.external_test=[{external}]"]
     for hospitals in (1, 3):
-        summary = run_experiment(make_settings([*common, f"num_clients={hospitals}"]), tmp_path / f"run_{hospitals}")
+        summary = run_in_process(make_settings([*common, f"num_clients={hospitals}"]), tmp_path / f"run_{hospitals}")
         table = summary["partition"]
         assert len(table) == hospitals and summary["rounds_completed"] == 2
         assert sum(row["patients"] for row in table) == 28  # 70 % of the 40 patients, whole patients per hospital

@@ -75,7 +75,7 @@ def test_a_federation_without_one_node_per_hospital_is_refused_by_its_nodes():
         hospitals_of(_context(3, TINY))
 
 
-def test_too_few_nodes_stop_the_run_naming_num_clients(tmp_path, monkeypatch):
+def test_too_few_nodes_stop_the_run_naming_num_clients(tmp_path, monkeypatch, ray_cluster):
     """Flower waits for nodes forever; fedpriv for DISCOVERY_TIMEOUT (here 2 s), then names
     the setting. On Flower's simulation engine: num_clients=2, one node."""
     from fedpriv import federation
@@ -83,7 +83,7 @@ def test_too_few_nodes_stop_the_run_naming_num_clients(tmp_path, monkeypatch):
     from fedpriv.experiment import run_strategy
 
     monkeypatch.setattr(federation, "DISCOVERY_TIMEOUT", 2.0)
-    settings = make_settings(TINY)
+    settings = make_settings([*TINY, *ray_cluster.overrides])
     server = federation.build_server_app(lambda f: f.describe_hospitals(), run_strategy(settings), 2, 60.0, False, settings.seed)
     client = federation.build_client_app(lambda context: HospitalTrainer(settings, str(tmp_path)))
     with pytest.raises(FedprivError, match=r"only [01] of num_clients=2 hospitals connected within 2 s.*num-supernodes=2"):

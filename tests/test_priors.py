@@ -24,6 +24,7 @@ from fedpriv.settings import ModelSettings, PriorSettings
 from fedpriv.training import train_epochs
 
 from conftest import TINY, make_settings
+from in_process import run_in_process
 
 CNN = ModelSettings("fedpriv_cnn_small", (("widths", (8, 16, 16)),))
 NO_PRIOR = PriorSettings(name="none")
@@ -86,11 +87,9 @@ def test_nt_xent_rewards_matching_views():
 
 
 def test_the_prior_is_a_public_step_of_the_ledger_and_summary(tmp_path):
-    from fedpriv.experiment import run_experiment
-
     overrides = [*TINY, "rounds=2", "prior=phantom", "prior.steps=3", "prior.num_patients=12",
                  f"prior.cache_dir={tmp_path / 'cache'}", "training.freeze=backbone", "training.freeze_rounds=1"]
-    summary = run_experiment(make_settings(overrides), tmp_path / "run")
+    summary = run_in_process(make_settings(overrides), tmp_path / "run")
     ledger = json.loads((tmp_path / "run" / "ledger.json").read_text())
     step = ledger["public_steps"][0]
     assert step["mechanism"] == "public-prior" and step["epsilon"] == 0.0 and step["source"] == "prior=phantom"

@@ -5,8 +5,8 @@ import math
 import pytest
 
 from conftest import TINY, make_settings
+from in_process import run_in_process
 from fedpriv.errors import FedprivError
-from fedpriv.experiment import run_experiment
 from fedpriv.report import auroc_drops, find_runs, group_settings, main, run_record, table_rows
 
 
@@ -17,7 +17,7 @@ def sweep(tmp_path_factory, central_baseline_run):
     root = tmp_path_factory.mktemp("sweep")
     for seed in (0, 1):
         overrides = [*TINY, "num_clients=1", "privacy.target_epsilon=4", f"seed={seed}", "audit=mia"]
-        run_experiment(make_settings(overrides), root / str(seed))
+        run_in_process(make_settings(overrides), root / str(seed))
     (root / "broken").mkdir()  # an unfinished run: no summary.json, not reported
     (root / "broken" / "metrics.jsonl").write_text("")
     return [root, central_baseline_run[0]]

@@ -116,8 +116,8 @@ def test_after_discovery_the_server_asks_only_hospitals_that_failed(tmp_path):
     assert federation.queries == [list(range(100)), [3]]  # discovery once, then only the failed one
 
 
-def test_a_hundred_hospitals_ten_per_round_run_end_to_end(tmp_path):
-    settings = make_settings([*TINY, *MANY, "rounds=2", "evaluation.bootstrap=0"])
+def test_a_hundred_hospitals_ten_per_round_run_end_to_end(tmp_path, ray_cluster):
+    settings = make_settings([*TINY, *MANY, "rounds=2", "evaluation.bootstrap=0", *ray_cluster.overrides])
     summary = run_experiment(settings, tmp_path)
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [len(line["hospitals_trained"]) for line in lines] == [10, 10]

@@ -1,4 +1,6 @@
-"""End to end through the real Flower simulation engine on Ray, real Opacus, real timm."""
+"""End to end with real Flower, Opacus and timm: on Flower's simulation engine (Ray) where
+the engine is what is tested (sampling and concurrency, failures, timeouts), else with the
+hospitals in this process (tests/in_process.py)."""
 
 import json
 import math
@@ -15,6 +17,7 @@ from fedpriv.errors import FedprivError
 from fedpriv.server import initial_weights
 from fedpriv.experiment import run_experiment
 from fedpriv.models import SmallGroupNormCNN
+from in_process import run_in_process
 from test_accounting import dp_accounting_epsilon
 
 
@@ -35,7 +38,7 @@ LEAKY = [*AUDITED, "privacy=none", "local_epochs=25", "evaluation.bootstrap=0"]
 def private_run(tmp_path_factory):
     """(settings, run directory, summary, the lines on_round saw) of the finished PRIVATE run."""
     settings, run_dir, rounds_seen = make_settings(PRIVATE), tmp_path_factory.mktemp("private"), []
-    summary = run_experiment(settings, run_dir, on_round=rounds_seen.append)
+    summary = run_in_process(settings, run_dir, on_round=rounds_seen.append)
     return settings, run_dir, summary, rounds_seen
 
 
@@ -147,7 +150,7 @@ def test_short_federated_dp_run_on_cbis_ddsm(tmp_path, cbis_root):
         ["data=cbis_ddsm", f"data.root={cbis_root}", "data.image_size=32", "num_clients=3", "rounds=1",
          "local_epochs=1", "privacy.target_epsilon=6", "privacy.delta=1e-4"]
     )
-    summary = run_experiment(settings, tmp_path)
+    summary = run_in_process(settings, tmp_path)
     table = summary["partition"]
     assert len(table) == 3 and sum(row["images"] for row in table) == 1104
     assert all(row["patients"] > 0 for row in table)
@@ -170,7 +173,7 @@ def test_failure_reason_is_the_exception_message_without_ray_wrapping():
 def test_budget_stops_exactly_the_hospitals_that_would_exceed_it_and_the_run_ends_cleanly(tmp_path):
     # planned for ε=4 over 3 rounds; a cap of 2.6 allows one round (≈2.3) but not two (≈3.3)
     settings = make_settings([*TINY, "rounds=3", "privacy.target_epsilon=4", "privacy.budget_epsilon=2.6"])
-    summary = run_experiment(settings, tmp_path)
+    summary = run_in_process(settings, tmp_path)
     lines = read_lines(tmp_path)
     assert len(lines) == 1 and summary["rounds_completed"] == 1 and summary["rounds"] == 3
     for info in summary["privacy"]["hospitals"].values():
@@ -212,7 +215,7 @@ def test_local_and_central_dp_with_sampling_report_both_and_the_ledger_skips_uns
 
 def test_server_optimiser_under_central_dp(tmp_path):
     settings = make_settings([*TINY, "strategy=fedadam", "privacy=central", "privacy.client_target_epsilon=3"])
-    summary = run_experiment(settings, tmp_path)
+    summary = run_in_process(settings, tmp_path)
     lines = read_lines(tmp_path)
     assert summary["privacy"]["client_level"]["clipping"] == "fixed"
     assert all(line["released"] and math.isfinite(line["auroc"]) for line in lines)
@@ -232,9 +235,9 @@ def test_server_optimiser_with_adaptive_clipping_under_central_dp_and_local_dp(s
 
 
 def test_membership_audit_finds_leakage_without_dp_and_none_beyond_epsilon_1(tmp_path, private_run):
-    """audit=mia through the engine: an overfit non-private model leaks clearly more than an
+    """audit=mia on whole runs: an overfit non-private model leaks clearly more than an
     ε = 1 model, whose empirical ε lower bound stays below its accounted ε."""
-    leaky = run_experiment(make_settings(LEAKY), tmp_path / "none")["audit"]
+    leaky = run_in_process(make_settings(LEAKY), tmp_path / "none")["audit"]
     private = private_run[2]["audit"]
     assert private_run[0].privacy.target_epsilon == 1
 
@@ -254,12 +257,14 @@ def test_membership_audit_finds_leakage_without_dp_and_none_beyond_epsilon_1(tmp
     assert written["pooled"] == leaky["pooled"]
 
 
-def test_injected_crashes_and_hangs_complete_rounds_and_keep_the_privacy_spent(tmp_path):
+def test_injected_crashes_and_hangs_complete_rounds_and_keep_the_privacy_spent(tmp_path, ray_cluster):
     """Hospitals that train and then crash or hang: the round goes on with the rest, the
-    failures are logged and counted, and what they spent is in the ledger."""
+    failures are logged and counted, and what they spent is in the ledger. The server hears
+    of a failed hospital's spending only later, but no metrics line may show less than the
+    hospital's own record holds so far."""
     settings = make_settings(
         [*TINY, "num_clients=4", "rounds=2", "faults.client_failure_rate=0.25", "faults.client_hang_rate=0.15",
-         "faults.client_timeout=20", "backend.client_resources.num_cpus=0.5"]  # 12 s was missed by every hospital on a loaded machine
+         "faults.client_timeout=20", "backend.client_resources.num_cpus=0.5", *ray_cluster.overrides]  # 12 s was missed by every hospital on a loaded machine
     )
     summary = run_experiment(settings, tmp_path)
     lines = read_lines(tmp_path)
@@ -272,21 +277,11 @@ def test_injected_crashes_and_hangs_complete_rounds_and_keep_the_privacy_spent(t
     ledger = json.loads((tmp_path / "ledger.json").read_text())
     recorded = {(e["round"], e["hospital"]) for e in ledger["entries"]}
     assert set(failed) <= recorded  # trained, then failed: spent all the same
+    assert lines[0]["hospitals_failed"]  # this seed has crashes in round 1, and the crashed hospital 0 hangs in round 2
     for h in range(4):
-        own = json.loads((tmp_path / "hospitals" / f"hospital_{h}.json").read_text())["spent"]
-        assert [(s["round"], s["steps"]) for s in own] == [(e["round"], e["steps"]) for e in ledger["entries"] if e["hospital"] == h]
-        assert summary["privacy"]["hospitals"][str(h)]["epsilon"] == pytest.approx(ledger["epsilon"][str(h)])
-
-
-def test_every_line_covers_what_hospitals_spent_before_failing(tmp_path):
-    """A hospital that trains and then crashes has spent its round; the server hears of it only
-    later, but no metrics line may show less than the hospital's own record holds so far."""
-    settings = make_settings([*TINY, "num_clients=3", "rounds=3", "seed=3", "faults.client_failure_rate=0.5"])
-    run_experiment(settings, tmp_path)
-    lines = read_lines(tmp_path)
-    assert lines[0]["hospitals_failed"]  # this seed has crashes, the first in round 1
-    for h in range(3):
         spent = json.loads((tmp_path / "hospitals" / f"hospital_{h}.json").read_text())["spent"]
+        assert [(s["round"], s["steps"]) for s in spent] == [(e["round"], e["steps"]) for e in ledger["entries"] if e["hospital"] == h]
+        assert summary["privacy"]["hospitals"][str(h)]["epsilon"] == pytest.approx(ledger["epsilon"][str(h)])
         for line in lines:
             so_far = [(s["noise_multiplier"], s["sample_rate"], s["steps"]) for s in spent if s["round"] <= line["round"]]
             assert line["epsilon"][str(h)] >= dp_accounting_epsilon(so_far, settings.privacy.delta) * (1 - 1e-3), (h, line["round"])
@@ -294,8 +289,8 @@ def test_every_line_covers_what_hospitals_spent_before_failing(tmp_path):
                 assert h in line["epsilon_unconfirmed"]  # and it says that its record is not read yet
 
 
-def test_too_few_replies_stop_the_run_with_the_cause_and_keep_the_ledger(tmp_path):
-    settings = make_settings([*TINY, "faults.client_failure_rate=1.0", "faults.min_replies=1"])
+def test_too_few_replies_stop_the_run_with_the_cause_and_keep_the_ledger(tmp_path, ray_cluster):
+    settings = make_settings([*TINY, "faults.client_failure_rate=1.0", "faults.min_replies=1", *ray_cluster.overrides])
     with pytest.raises(FedprivError, match=r"round 1: 0 hospital\(s\) trained, fewer than faults\.min_replies=1.*injected failure"):
         run_experiment(settings, tmp_path)
     ledger = json.loads((tmp_path / "ledger.json").read_text())
@@ -307,7 +302,7 @@ def test_ct_volumes_run_the_federated_dp_simulation_with_a_3d_model(tmp_path):
     settings = make_settings(["data=phantom_ct", "model=cnn3d_small", "data.num_patients=80", "data.image_size=16",
                               "rounds=2", "local_epochs=1", "training.batch_size=8", "num_clients=2",
                               "evaluation.bootstrap=0", "privacy.target_epsilon=4"])
-    summary = run_experiment(settings, tmp_path)
+    summary = run_in_process(settings, tmp_path)
     assert summary["data"] == "phantom_ct" and summary["rounds_completed"] == 2
     assert summary["privacy"]["max_epsilon"] == pytest.approx(4.0, rel=0.02)
     assert set(summary["fairness"]) == {"site", "sex", "age", "hospital"}

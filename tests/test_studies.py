@@ -58,16 +58,19 @@ def test_synthetic_study_runs_shrunken_end_to_end_on_cbis(tmp_path, cbis_root):
     for setup in ("federated", "central"):
         report = (tmp_path / setup / "report" / "report.md").read_text()
         assert "| pretrain |" in report
-def test_recipe_study_smoke_run_writes_the_report_table(tmp_path):
+
+
+def test_recipe_study_smoke_run_writes_the_report_table(tmp_path, ray_cluster):
     """simulations/scratch_cbis.sh shrunk to one ε, one seed, the central part and one ablation,
     1 round, on a written CBIS-like folder with an external test folder: the report has the
-    recipe, its non-private reference and the ablation as three rows."""
+    recipe, its non-private reference and the ablation as three rows. Its runs attach to the
+    test session's Ray cluster (the script passes its extra overrides to every run)."""
     root = write_cbis_like(tmp_path / "cbis", {"train": 12, "val": 4, "test": 6})
     write_class_folder(tmp_path / "site_x", CBIS_CLASSES, 4, first_patient=500)
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env |= {"EPSILONS": "6", "SEEDS": "0", "FEDERATIONS": "central", "ABLATIONS": "no_ema", "PYTHONPATH": str(ROOT)}
     tiny = [f"data.root={root}", f"data.external_test=[{tmp_path / 'site_x'}]", "data.image_size=32", "rounds=1",
-            "training.augmentations=2", "evaluation.bootstrap=0"]
+            "training.augmentations=2", "evaluation.bootstrap=0", *ray_cluster.overrides]
     proc = subprocess.run(["bash", str(ROOT / "simulations" / "scratch_cbis.sh"), str(tmp_path / "out"), *tiny],
                           capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]

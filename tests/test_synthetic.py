@@ -37,6 +37,7 @@ from fedpriv.synthetic.fidelity import Fidelity, score_features, trusted_hospita
 from fedpriv.synthetic.quality import frechet_distance, train_on_synthetic
 from fedpriv.synthetic.sample import main as sample_main
 from fedpriv.synthetic.train import train_gan
+from in_process import run_in_process
 from test_accounting import dp_accounting_epsilon
 
 #: A short GAN for tests (the defaults are in configs/synthetic/_gan.yaml).
@@ -213,7 +214,7 @@ def augment_run(tmp_path_factory):
     """One federated DP run with synthetic=augment (DP GAN), shared by the tests below."""
     run_dir = tmp_path_factory.mktemp("augment")
     settings = make_settings([*TINY, "synthetic=augment", *SHORT_GAN])
-    return settings, run_dir, run_experiment(settings, run_dir)
+    return settings, run_dir, run_in_process(settings, run_dir)
 
 
 def test_augment_run_accounts_gan_and_classifier_in_one_epsilon_per_hospital(augment_run):
@@ -264,9 +265,9 @@ def test_sampling_command_writes_an_image_folder_the_data_sources_read(augment_r
 
 
 def test_pretrain_without_dp_reports_infinite_epsilon_with_a_warning(tmp_path):
-    # a federated GAN here (each hospital's own GAN runs in augment_run): both go through the engine
+    # a federated GAN here (each hospital's own GAN runs in augment_run): both through the real ClientApp
     settings = make_settings([*TINY, "rounds=1", "synthetic=pretrain", "synthetic.dp=false", *SHORT_GAN, *FEDERATED_GAN])
-    summary = run_experiment(settings, tmp_path)
+    summary = run_in_process(settings, tmp_path)
     privacy = summary["privacy"]
     assert privacy["max_epsilon"] == math.inf and "synthetic.dp=false" in privacy["warnings"][0]
     for info in privacy["hospitals"].values():
