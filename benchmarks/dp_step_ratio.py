@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from fedpriv.models import build_model
 from fedpriv.privacy.engine import make_private
-from fedpriv.settings import settings_from_config
+from fedpriv.config import settings_from_config
 from fedpriv.training import make_optimizer, train_epochs
 
 CONFIGS = str(Path(__file__).resolve().parents[1] / "configs")

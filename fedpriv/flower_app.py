@@ -26,7 +26,8 @@ from fedpriv.errors import FedprivError
 from fedpriv.experiment import HOSPITAL_STATE_DIR, run_experiment
 from fedpriv.federation import build_client_app
 from fedpriv.run_log import configure_flower_run, render
-from fedpriv.settings import RunSettings, config_error, settings_from_config
+from fedpriv.config import settings_from_config
+from fedpriv.settings import RunSettings, config_error
 from fedpriv.simulate import partition_table, resumed_config, summary_table
 
 log = logging.getLogger("fedpriv.flower_app")

@@ -462,8 +462,9 @@ def unknown_key(key: str, known: list) -> FedprivError:
     return FedprivError(f"{key} is not a setting{' of ' + group if group else ''}; {hint}")
 
 
-def settings_from_config(cfg: DictConfig) -> RunSettings:
-    """Resolve, type and validate the composed config; raise FedprivError naming the key."""
+def typed_settings(cfg: DictConfig) -> RunSettings:
+    """Resolve, type and validate the composed config (every check that needs no library
+    beyond Hydra: fedpriv.config adds those that do); raise FedprivError naming the key."""
     try:
         raw = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     except MissingMandatoryValue as error:
@@ -626,7 +627,6 @@ def validate(s: RunSettings) -> None:
         _require(0 <= rate <= 1, f"faults.{key}={rate} must be a probability in [0, 1]")
     _require(f.client_failure_rate + f.client_hang_rate <= 1, "faults.client_failure_rate + faults.client_hang_rate must be at most 1")
     _validate_backend(s.backend)
-    _validate_logger(s.logger)
     _require(s.evaluation.bootstrap >= 0, f"evaluation.bootstrap={s.evaluation.bootstrap} must be >= 0")
     _require(
         s.evaluation.max_hospital_subgroups >= 0,
@@ -688,12 +688,6 @@ def validate(s: RunSettings) -> None:
     if isinstance(d, ManifestDataSettings):
         missing = [k for k in ("path", "label", "patient_id") if k not in dict(d.columns)]
         _require(not missing, f"data.columns.{missing[0] if missing else ''} is not set; map it to a CSV column")
-    # last: the checks below import torch, timm and Opacus (seconds); those above take none
-    _check_model_builds(s)
-    if p.central:  # needs no data: refused here rather than when the server starts
-        from fedpriv.privacy.plan import central_noise_multiplier
-
-        central_noise_multiplier(s)
 
 
 #: What Ray reserves per hospital: the resources Flower sizes its actor pool by (others, e.g.
@@ -721,43 +715,8 @@ def _validate_backend(b: BackendSettings) -> None:
         )
 
 
-def _validate_logger(g: LoggerSettings) -> None:
-    """A known tracker whose package is installed (checked without importing it)."""
-    from fedpriv.tracking import LOGGERS, missing_package
-
-    _require(g.name in LOGGERS, f"logger={g.name!r} is unknown; choose one of {LOGGERS}")
-    if g.name == "mlflow":
-        _require(bool(g.experiment), f"logger.experiment={g.experiment!r} must name the MLflow experiment, e.g. logger.experiment=fedpriv")
-        _require(g.tracking_uri is None or bool(g.tracking_uri), "logger.tracking_uri must be a tracking URI (or null: RUN/mlflow.db)")
-    else:
-        for key in ("experiment", "tracking_uri"):
-            _require(getattr(g, key) is None, f"logger.{key} is a setting of logger=mlflow only; drop it")
-    package = missing_package(g.name)
-    _require(
-        package is None,
-        f"logger={g.name} needs the {package} package, which is not installed: pip install 'fedpriv[tracking]' (or use logger=none)",
-    )
-
-
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _check_model_builds(s: RunSettings) -> None:
-    """A model.name timm does not know, or model.kwargs it does not take, stop here before any
-    data is read: the model is built on the meta device (no memory, milliseconds), or on the CPU when an
-    operation has no meta version (which then decides)."""
-    import torch
-    from timm import is_model
-
-    from fedpriv.models import build_model  # also registers fedpriv's models in timm
-
-    _require(is_model(s.model.name), f"model.name={s.model.name!r} is not in timm's registry; see configs/model/")
-    try:
-        with torch.device("meta"):
-            build_model(s.model, s.data.image_size)
-    except FedprivError:
-        build_model(s.model, s.data.image_size)
 
 
 PRIOR_NAMES = ("none", "phantom", "random_process")

@@ -156,7 +156,7 @@ def main(cfg: DictConfig) -> None:
     from fedpriv import run_log
 
     run_log.configure(console, verbose=bool(cfg.get("verbose", False)))
-    from fedpriv.settings import settings_from_config
+    from fedpriv.config import settings_from_config
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:

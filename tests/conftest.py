@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from fedpriv.settings import RunSettings, settings_from_config
+from fedpriv.config import settings_from_config
+from fedpriv.settings import RunSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"

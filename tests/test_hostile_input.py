@@ -17,7 +17,8 @@ from conftest import ROOT, compose_config
 from fedpriv.data.readers import ReadOptions, read_file
 from fedpriv.errors import FedprivError
 from fedpriv.experiment import prepare
-from fedpriv.settings import config_error, settings_from_config
+from fedpriv.config import settings_from_config
+from fedpriv.settings import config_error
 
 GROUPS = {
     "data": ["phantom_mammo", "phantom_ct", "cbis_ddsm", "manifest", "breastmnist", "image_folder"],

@@ -19,7 +19,8 @@ from conftest import ROOT, SAMPLED_LOCAL_CENTRAL, compose_config, make_settings
 from fedpriv.checkpoint import Checkpoint
 from fedpriv.errors import FedprivError
 from fedpriv.experiment import run_experiment
-from fedpriv.settings import changed_settings, run_settings_dict, settings_from_config
+from fedpriv.config import settings_from_config
+from fedpriv.settings import changed_settings, run_settings_dict
 from fedpriv.simulate import resumed_config
 
 #: Sampling, central noise, a server optimiser and adaptive clipping: every piece of server

@@ -41,7 +41,8 @@ def check(overrides: list[str], console: Console) -> int:
 
     from fedpriv.data.check import check_data
     from fedpriv.errors import FedprivError
-    from fedpriv.settings import config_error, settings_from_config
+    from fedpriv.config import settings_from_config
+    from fedpriv.settings import config_error
 
     try:
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
