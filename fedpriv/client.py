@@ -37,6 +37,7 @@ from fedpriv.privacy.plan import classifier_mechanism, fits_budget, gan_mechanis
 from fedpriv.schedule import StepPlan, follow_clip_schedule, follow_lr_schedule
 from fedpriv.settings import DataSettings, FaultSettings, PartitionSettings, RunSettings, TrainingSettings
 from fedpriv.synthetic.gan import balanced_labels, generate
+from fedpriv.synthetic.merf import class_sums, noised, run_embedding
 from fedpriv.synthetic.pool import SyntheticPool
 from fedpriv.synthetic.prior import gan_prior
 from fedpriv.synthetic.train import gan_state, train_gan
@@ -109,6 +110,8 @@ class HospitalTrainer:
         The GAN's DP-SGD session is recorded (round SYNTHETIC_ROUND) before anything leaves.
         """
         g = self.settings.synthetic
+        if g.generator == "merf":
+            return self._release_class_sums(hospital)
         prior = gan_prior(self.settings)
         trained, seed, metrics_of = self._gan_session(hospital, SYNTHETIC_ROUND, prior[0] if prior is not None else None, g.epochs)
         labels = balanced_labels(g.samples_per_class)
@@ -146,17 +149,35 @@ class HospitalTrainer:
 
         def record(released: dict) -> dict:
             session = SpentRound(round_id, mechanism.noise_multiplier, mechanism.sample_rate, steps, release_digest(released))
-            state = HospitalPrivacyState.record_at(self.state_path(hospital), session)  # before the release leaves
-            return {
-                NUM_EXAMPLES: len(shard),
-                "gan_seconds": trained.seconds,
-                "gan_discriminator_loss": trained.discriminator_loss,
-                "gan_generator_loss": trained.generator_loss,
-                "epsilon": epsilon_spent(state.history, s.privacy.delta or 0.0),
-                **history_metrics(state),
-            }
+            losses = {"gan_discriminator_loss": trained.discriminator_loss, "gan_generator_loss": trained.generator_loss}
+            return self._recorded(hospital, session, len(shard), trained.seconds) | losses
 
         return trained, seed, record
+
+    def _release_class_sums(self, hospital: int) -> tuple[dict, dict]:
+        """synthetic.generator=merf: this hospital's per-class sums of the embedding of its
+        images, and its class counts, under the Gaussian mechanism (fedpriv.synthetic.merf);
+        recorded (round SYNTHETIC_ROUND) before they leave."""
+        s = self.settings
+        started = time.perf_counter()
+        seed = self._start(SYNTHETIC_ROUND, hospital)
+        shard = hospital_shard(s, hospital)
+        mechanism = gan_mechanism(s, len(shard))
+        sums, counts = class_sums(run_embedding(s), shard)
+        released = noised(sums, counts, mechanism.noise_multiplier, seed + 2)
+        session = SpentRound(SYNTHETIC_ROUND, *mechanism.entry, release_digest(released))
+        return released, self._recorded(hospital, session, len(shard), time.perf_counter() - started)
+
+    def _recorded(self, hospital: int, session: SpentRound, records: int, seconds: float) -> dict:
+        """Record a synthetic-data session in the hospital's own state (before its release
+        leaves); the reply's metrics."""
+        state = HospitalPrivacyState.record_at(self.state_path(hospital), session)
+        return {
+            NUM_EXAMPLES: records,
+            "gan_seconds": seconds,
+            "epsilon": epsilon_spent(state.history, self.settings.privacy.delta or 0.0),
+            **history_metrics(state),
+        }
 
     def __call__(self, hospital: int, weights: dict, config: dict, shared: dict | None = None) -> tuple[dict, dict]:
         """One local round; `shared` is the server's pooled synthetic set (synthetic=augment)."""

@@ -283,14 +283,15 @@ def synthetic_summary(settings: RunSettings, run_dir: Path, splits: SplitData, w
         on_synthetic = train_on_synthetic(settings, initial_weights(settings), pool)
     quality = synthetic_quality(settings, pool, splits, global_model(settings, weights), global_model(settings, on_synthetic))
     facts = hospital_facts(run_dir)
-    federated = settings.synthetic.federated
-    # each hospital's GAN training time (the federated GAN: summed over its rounds)
-    seconds = facts[str(FEDERATED_GAN)]["hospital_seconds"] if federated else {h: f["gan_seconds"] for h, f in facts.items()}
-    made = made_by(FEDERATED_GAN) if federated else made_by("<k>")
+    one = settings.synthetic.one_generator
+    # each hospital's share of the work (the federated GAN: summed over its rounds)
+    seconds = facts[str(FEDERATED_GAN)]["hospital_seconds"] if one else {h: f["gan_seconds"] for h, f in facts.items()}
+    made = made_by(FEDERATED_GAN) if one else made_by("<k>")
     block = {
         "mode": settings.synthetic.name,
         "dp": settings.synthetic.dp,
-        "federated": federated,
+        "generator": settings.synthetic.generator,
+        "federated": settings.synthetic.federated,
         "images": len(pool),
         "malignant": int(pool.labels.sum()),
         "gan_seconds": seconds,

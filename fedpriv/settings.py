@@ -289,7 +289,10 @@ class SyntheticSettings:
     starts every hospital's GAN from one trained without DP on public phantom masses for
     `prior_epochs` (fedpriv.synthetic.prior; ε = 0, cached). `federated=true` trains one GAN
     across the hospitals instead: `rounds` rounds of `epochs / rounds` local passes each, the
-    server averaging both networks (fedpriv.synthetic.share), the same per-record ε."""
+    server averaging both networks (fedpriv.synthetic.share), the same per-record ε.
+    `generator=merf` replaces the GAN: each hospital releases its noisy per-class sums of an
+    embedding of the prior's features once (`embedding_dims` random features) and the server
+    trains the generator for `generator_steps` to match them (fedpriv.synthetic.merf)."""
 
     name: str
     dp: bool | None = None
@@ -309,10 +312,19 @@ class SyntheticSettings:
     prior_epochs: int | None = None
     federated: bool = False
     rounds: int | None = None  # federated only
+    generator: str = "gan"
+    embedding_dims: int | None = None  # merf only
+    generator_steps: int | None = None  # merf only
 
     @property
     def enabled(self) -> bool:
         return self.name != "none"
+
+    @property
+    def one_generator(self) -> bool:
+        """Whether the pool comes from one generator for the whole federation (the federated
+        GAN's, or merf's) rather than one per hospital."""
+        return self.federated or self.generator == "merf"
 
     @property
     def gan_rounds(self) -> int:
@@ -321,6 +333,7 @@ class SyntheticSettings:
 
 
 SYNTHETIC_MODES = ("none", "augment", "pretrain")
+GENERATORS = ("gan", "merf")
 GAN_PRIORS = ("none", "phantom")
 
 
@@ -778,6 +791,19 @@ def _validate_synthetic(s: RunSettings) -> None:
         _require(
             isinstance(g.prior_epochs, int) and not isinstance(g.prior_epochs, bool) and g.prior_epochs >= 1,
             f"synthetic.prior_epochs={g.prior_epochs!r} must be an integer ≥ 1 (passes over the phantom images)",
+        )
+    _require(g.generator in GENERATORS, f"synthetic.generator={g.generator!r} is unknown; choose one of {', '.join(GENERATORS)}")
+    if g.generator == "merf":
+        for key in ("embedding_dims", "generator_steps"):
+            value = getattr(g, key)
+            _require(
+                isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+                f"synthetic.{key}={value!r} must be an integer ≥ 1 (synthetic.generator=merf)",
+            )
+        _require(
+            not g.federated and g.prior == "none",
+            "synthetic.generator=merf sums every hospital's release (federated already) and has no GAN to start from a prior: "
+            "set synthetic.federated=false and synthetic.prior=none",
         )
     _require(isinstance(g.federated, bool), f"synthetic.federated={g.federated!r} must be true or false")
     if g.federated:

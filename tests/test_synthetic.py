@@ -31,6 +31,7 @@ from fedpriv.synthetic.gan import (
 from fedpriv.privacy.hospital_state import history_from_metrics
 from fedpriv.models import build_model, classifier_parameters
 from fedpriv.synthetic.pool import FEDERATED_GAN as FEDERATED_POOL, SyntheticPool
+from fedpriv.synthetic.merf import class_sums, run_embedding
 from fedpriv.synthetic.prior import gan_prior
 from fedpriv.synthetic.share import average_networks, initial_gan, share_synthetic
 from fedpriv.synthetic.fidelity import Fidelity, score_features, trusted_hospitals
@@ -125,6 +126,9 @@ def test_a_gan_without_dp_has_infinite_epsilon():
         (["synthetic=augment", "synthetic.prior=phantom", "synthetic.prior_epochs=0"], "synthetic.prior_epochs"),
         (["synthetic=augment", "synthetic.federated=true", "synthetic.rounds=7"], "synthetic.rounds"),
         (["synthetic=augment", "synthetic.federated=maybe"], "synthetic.federated"),
+        (["synthetic=augment", "synthetic.generator=vae"], "synthetic.generator"),
+        (["synthetic=augment", "synthetic.generator=merf", "synthetic.embedding_dims=0"], "synthetic.embedding_dims"),
+        (["synthetic=augment", "synthetic.generator=merf", "synthetic.federated=true"], "synthetic.generator=merf"),
     ],
 )
 def test_bad_synthetic_settings_are_named(overrides, named):
@@ -384,3 +388,41 @@ def test_the_generator_step_leaves_a_frozen_part_of_the_discriminator_frozen():
         assert not any(p.requires_grad for p in discriminator.parameters())
     assert not discriminator.label_map.weight.requires_grad
     assert all(p.requires_grad for name, p in discriminator.named_parameters() if not name.startswith("label_map"))
+
+
+MERF = ["synthetic.generator=merf", "synthetic.embedding_dims=16", "synthetic.generator_steps=20"]
+
+
+def test_under_merf_a_hospital_releases_only_its_noisy_class_sums_once(tmp_path):
+    settings = make_settings([*TINY, "synthetic=pretrain", *SHORT_GAN, *MERF])
+    trainer = HospitalTrainer(settings, str(tmp_path))
+    released, metrics = trainer.synthesize(0)
+    assert set(released) == {"sums", "counts"}  # no image, no generator, no record
+    shard = hospital_shard(settings, 0)
+    exact_sums, exact_counts = class_sums(run_embedding(settings), shard)
+    assert released["sums"].shape == exact_sums.shape and released["sums"].shape[0] == 2
+    mechanism = gan_mechanism(settings, len(shard))
+    assert (mechanism.sample_rate, mechanism.steps) == (1.0, 1)  # one Gaussian release
+    noise = torch.cat([(released["sums"] - exact_sums).flatten(), released["counts"] - exact_counts])
+    assert noise.std().item() == pytest.approx(mechanism.noise_multiplier, rel=0.3)
+    per_record = run_embedding(settings)((torch.from_numpy(shard.images) - 0.5) / 0.5)
+    assert per_record.norm(dim=1).max().item() <= 1 + 1e-5  # with the count: sensitivity 1
+    state = json.loads((tmp_path / "hospital_0.json").read_text())
+    assert [(s["round"], s["sample_rate"], s["steps"]) for s in state["spent"]] == [(0, 1.0, 1)]
+    assert metrics["epsilon"] == pytest.approx(0.25 * 8.0, rel=0.01)
+
+
+def test_a_merf_run_accounts_one_release_per_hospital_and_draws_the_pool_from_one_generator(tmp_path):
+    settings = make_settings([*TINY, "rounds=1", "synthetic=pretrain", *SHORT_GAN, *MERF])
+    summary = run_in_process(settings, tmp_path)
+    ledger = json.loads((tmp_path / "ledger.json").read_text())
+    for h, info in summary["privacy"]["hospitals"].items():
+        entries = [e for e in ledger["entries"] if str(e["hospital"]) == h]
+        assert [(e["mechanism"], e["sample_rate"], e["steps"]) for e in entries][0] == ("dp-gan", 1.0, 1)
+        history = [(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in entries]
+        assert info["epsilon"] == pytest.approx(dp_accounting_epsilon(history, 1e-5), rel=0.01) and info["epsilon"] <= 8.0
+        assert info["gan"]["epsilon"] == pytest.approx(0.25 * 8.0, rel=0.01)
+    block = summary["synthetic"]
+    assert block["generator"] == "merf" and block["images"] == 2 * 2 * 20 and set(block["gan_seconds"]) == {"0", "1"}
+    assert set(block["fidelity"]["scores"]) == {str(FEDERATED_POOL), "pooled"}
+    assert (tmp_path / "synthetic" / "generator_federated.pt").exists()

@@ -24,13 +24,18 @@ class Mechanism:
 
 
 def gan_mechanism(settings: RunSettings, real_records: int) -> Mechanism | None:
-    """DP-SGD on the discriminator over the hospital's whole GAN training (None: no GAN;
-    σ = 0 with synthetic.dp=false). The GAN alone spends epsilon_share × target ε."""
+    """DP-SGD on the discriminator over the hospital's whole GAN training — or, under
+    synthetic.generator=merf, the one Gaussian release of its class sums (q = 1, one step) —
+    (None: no synthetic data; σ = 0 with synthetic.dp=false). It alone spends
+    epsilon_share × target ε."""
     g, p = settings.synthetic, settings.privacy
     if not g.enabled:
         return None
-    sample_rate, per_epoch = poisson_plan(real_records, g.batch_size)
-    steps = g.epochs * per_epoch
+    if g.generator == "merf":
+        sample_rate, steps = 1.0, 1
+    else:
+        sample_rate, per_epoch = poisson_plan(real_records, g.batch_size)
+        steps = g.epochs * per_epoch
     if not g.dp:
         return Mechanism(0.0, sample_rate, steps)
     sigma = calibrate_noise_multiplier(g.epsilon_share * p.target_epsilon, p.delta, sample_rate, steps, key="synthetic.epsilon_share × privacy.target_epsilon")

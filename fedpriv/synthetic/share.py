@@ -11,16 +11,18 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import torch
 
 from fedpriv.errors import FedprivError
 from fedpriv.outputs import write_json
 from fedpriv.protocol import NUM_EXAMPLES
 from fedpriv.settings import RunSettings
-import torch
-
 from fedpriv.synthetic.gan import ConditionalDiscriminator, ConditionalGenerator, GanShape, balanced_labels, generate, save_generator
+from fedpriv.synthetic.merf import run_embedding, train_generator
 from fedpriv.synthetic.pool import FEDERATED_GAN, SyntheticPool, save_sample_grid
 from fedpriv.synthetic.prior import gan_prior
 from fedpriv.synthetic.train import gan_state, split_state
@@ -61,7 +63,9 @@ def share_synthetic(federation, settings: RunSettings, run_dir: Path) -> SharedS
             "their ε is ∞ in the ledger and summary"
         )
     folder.mkdir(parents=True, exist_ok=True)
-    if settings.synthetic.federated:
+    if settings.synthetic.generator == "merf":
+        generators, facts, reports = _train_merf_generator(federation, settings)
+    elif settings.synthetic.federated:
         generators, facts, reports = _train_federated_gan(federation, settings, folder)
     else:
         generators, facts, reports = _train_hospital_gans(federation, settings)
@@ -135,8 +139,33 @@ def _train_federated_gan(federation, settings: RunSettings, folder: Path):
     labels = balanced_labels(g.samples_per_class * len(reports))
     images = generate(generator, labels, settings.seed)
     last = reports[min(reports)]
-    facts = {FEDERATED_GAN: {**_facts(settings, last, sum(seconds.values())), "rounds": g.rounds, "hospital_seconds": {str(h): v for h, v in sorted(seconds.items())}}}
+    facts = {FEDERATED_GAN: {**_facts(settings, last, sum(seconds.values())), "rounds": g.rounds,
+                             "hospital_seconds": {str(h): v for h, v in sorted(seconds.items())}}}
     return {FEDERATED_GAN: (generator, images, labels)}, facts, reports
+
+
+def _train_merf_generator(federation, settings: RunSettings):
+    """synthetic.generator=merf: every hospital releases its noisy class sums once; the
+    server adds them (in hospital order), trains the generator to match the class means and
+    draws the pool (samples_per_class per class for each hospital)."""
+    g = settings.synthetic
+    released, failed = federation.synthesize()
+    if failed:
+        raise _not_every_hospital(settings, failed, "released its class sums")
+    order = sorted(released)
+    sums = sum(released[h][0]["sums"] for h in order)
+    counts = sum(released[h][0]["counts"] for h in order)
+    started = time.perf_counter()
+    generator = train_generator(run_embedding(settings), sums, counts, g, settings.data.image_size, settings.seed)
+    labels = balanced_labels(g.samples_per_class * len(order))
+    images = generate(generator, labels, settings.seed)
+    facts = {FEDERATED_GAN: {
+        "gan_seconds": time.perf_counter() - started,  # the server's generator training
+        "hospital_seconds": {str(h): released[h][1]["gan_seconds"] for h in order},
+        "generator": "merf",
+        "dp": g.dp,
+    }}
+    return {FEDERATED_GAN: (generator, images, labels)}, facts, {h: released[h][1] for h in order}
 
 
 def initial_gan(settings: RunSettings) -> dict[str, torch.Tensor]:
