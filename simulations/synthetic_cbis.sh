@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Study: synthetic data on top of the CBIS recipe (configs/experiment/synthetic_cbis.yaml: the
-# recipe plus one DP GAN trained across the hospitals, its ε inside every reported ε), over the
-# ε grid, with 3 hospitals and centrally (1), with a non-private reference (non-private GAN and
-# classifier). The same recipe without synthetic data is simulations/priors_cbis.sh.
+# recipe plus a DP generator, its ε inside every reported ε), over the ε grid, with 3 hospitals
+# and centrally (1), with a non-private reference (non-private generator and classifier). The
+# same recipe without synthetic data is simulations/priors_cbis.sh; the federated GAN instead
+# of the default generator: add synthetic.generator=gan synthetic.federated=true.
 # Writes OUT/{federated,central}/{dp,none}/… run folders and OUT/{federated,central}/report/.
 # Usage: bash simulations/synthetic_cbis.sh [OUT] [extra Hydra overrides, e.g. rounds=2]
 # Grid: EPSILONS (default 1,6,12,20,60), SEEDS (0,1,2), SETTINGS (pretrain,augment),

@@ -32,7 +32,7 @@ def test_study_script_runs_a_known_experiment(script):
 def test_synthetic_study_settings_compose_with_an_accounted_gan(setting):
     settings = make_settings(["+experiment=synthetic_cbis", "data.root=/data", f"synthetic={setting}"])
     assert settings.privacy.delta == 1e-4 and settings.synthetic.name == setting
-    assert settings.synthetic.dp and settings.synthetic.federated  # the paper's GAN was not private; ours is
+    assert settings.synthetic.dp and settings.synthetic.generator == "merf"  # the paper's GAN was not private; ours is
     assert settings.prior.name == "random_process" and settings.training.freeze == "backbone"  # on top of the recipe
 
 
@@ -51,7 +51,7 @@ def test_fairness_study_runs_shrunken_end_to_end(tmp_path):
 def test_synthetic_study_runs_shrunken_end_to_end_on_cbis(tmp_path, cbis_root):
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"EPSILONS": "6", "SEEDS": "0", "SETTINGS": "pretrain"}
     tiny = [f"data.root={cbis_root}", "rounds=1", "local_epochs=1", "evaluation.bootstrap=0", "data.image_size=32",
-            "synthetic.epochs=1", "synthetic.rounds=1", "synthetic.train_epochs=1", "synthetic.samples_per_class=10"]
+            "synthetic.generator_steps=5", "synthetic.train_epochs=1", "synthetic.samples_per_class=10"]
     proc = subprocess.run(["bash", str(ROOT / "simulations" / "synthetic_cbis.sh"), str(tmp_path), *tiny],
                           capture_output=True, text=True, timeout=1800, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
