@@ -33,6 +33,7 @@ def test_synthetic_study_settings_compose_with_an_accounted_gan(setting):
     settings = make_settings(["+experiment=synthetic_cbis", "data.root=/data", f"synthetic={setting}"])
     assert settings.privacy.delta == 1e-4 and settings.synthetic.name == setting
     assert settings.synthetic.dp and settings.synthetic.generator == "merf"  # the paper's GAN was not private; ours is
+    assert settings.synthetic.epsilon_share == 0.5
     assert settings.prior.name == "random_process" and settings.training.freeze == "backbone"  # on top of the recipe
 
 
