@@ -286,7 +286,7 @@ def synthetic_summary(settings: RunSettings, run_dir: Path, splits: SplitData, w
     one = settings.synthetic.one_generator
     # each hospital's share of the work (the federated GAN: summed over its rounds)
     seconds = facts[str(FEDERATED_GAN)]["hospital_seconds"] if one else {h: f["gan_seconds"] for h, f in facts.items()}
-    made = made_by(FEDERATED_GAN) if one else made_by("<k>")
+    made = made_by(FEDERATED_GAN) if one else "hospital_<k>"
     block = {
         "mode": settings.synthetic.name,
         "dp": settings.synthetic.dp,

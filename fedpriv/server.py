@@ -172,6 +172,7 @@ class RoundsState:
     average: dict[str, torch.Tensor] | None = None  # evaluation.ema
     selected: dict | None = None  # evaluation.select=best_val: the best round so far
     unconfirmed: dict[int, int] = field(default_factory=dict)  # hospital → rounds it failed in since its record was last read
+    central_sigma: float | None = None  # privacy=central: σ of every release, calibrated once for the planned rounds
 
     @property
     def current(self) -> dict[str, torch.Tensor]:
@@ -192,7 +193,8 @@ def _start(federation: Federation, settings: RunSettings, ledger: PrivacyLedger,
         ledger.public = public_steps  # how the run started: steps that touched no private record (ε = 0)
     facts = federation.describe_hospitals()
     hospitals = _sync_ledger(ledger, settings, facts)
-    return RoundsState(**{"weights": weights, **resumed, "hospitals": hospitals, "facts": facts})
+    central_sigma = central_noise_multiplier(settings) if settings.privacy.central else None
+    return RoundsState(**{"weights": weights, **resumed, "hospitals": hospitals, "facts": facts, "central_sigma": central_sigma})
 
 
 def _account(outcome, server_round: int, state: RoundsState, federation, settings: RunSettings, run: RunDirectory, ledger: PrivacyLedger) -> bool:
@@ -238,7 +240,7 @@ def _apply(outcome, server_round: int, state: RoundsState, settings: RunSettings
     if settings.evaluation.ema is not None:
         state.average = update_average(state.average, state.weights, settings.evaluation.ema)
     if settings.privacy.central:
-        ledger.record_release(server_round, central_noise_multiplier(settings), 1.0)
+        ledger.record_release(server_round, state.central_sigma, 1.0)
     return True
 
 

@@ -326,10 +326,6 @@ class SyntheticSettings:
         GAN's, or merf's) rather than one per hospital."""
         return self.federated or self.generator == "merf"
 
-    @property
-    def gan_rounds(self) -> int:
-        """Rounds of GAN training: `rounds` when federated; one (each hospital's own GAN) otherwise."""
-        return self.rounds if self.federated else 1
 
 
 SYNTHETIC_MODES = ("none", "augment", "pretrain")

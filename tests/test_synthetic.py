@@ -353,13 +353,8 @@ def test_a_federated_gan_killed_in_a_round_resumes_from_the_last_finished_one(tm
 def test_federated_gan_run_accounts_every_gan_round_and_draws_the_pool_from_one_generator(tmp_path):
     settings = make_settings([*TINY, "rounds=1", "synthetic=pretrain", *SHORT_GAN, *FEDERATED_GAN])
     summary = run_experiment(settings, tmp_path)
-    ledger = json.loads((tmp_path / "ledger.json").read_text())
-    for h, info in summary["privacy"]["hospitals"].items():
-        entries = [e for e in ledger["entries"] if str(e["hospital"]) == h]
+    for entries in _accounted_hospitals(summary, tmp_path):
         assert [(e["round"], e["mechanism"]) for e in entries] == [(-2, "dp-gan"), (-1, "dp-gan"), (0, "dp-gan"), (1, "dp-sgd")]
-        history = [(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in entries]
-        assert info["epsilon"] == pytest.approx(dp_accounting_epsilon(history, 1e-5), rel=0.01)
-        assert info["gan"]["epsilon"] == pytest.approx(0.25 * 8.0, rel=0.01) and info["epsilon"] <= 8.0
     block = summary["synthetic"]
     assert block["federated"] is True and block["images"] == 2 * 2 * 20 and set(block["gan_seconds"]) == {"0", "1"}
     assert set(block["fidelity"]["scores"]) == {str(FEDERATED_POOL), "pooled"}
@@ -415,14 +410,24 @@ def test_under_merf_a_hospital_releases_only_its_noisy_class_sums_once(tmp_path)
 def test_a_merf_run_accounts_one_release_per_hospital_and_draws_the_pool_from_one_generator(tmp_path):
     settings = make_settings([*TINY, "rounds=1", "synthetic=pretrain", *SHORT_GAN, *MERF])
     summary = run_in_process(settings, tmp_path)
-    ledger = json.loads((tmp_path / "ledger.json").read_text())
-    for h, info in summary["privacy"]["hospitals"].items():
-        entries = [e for e in ledger["entries"] if str(e["hospital"]) == h]
+    for entries in _accounted_hospitals(summary, tmp_path):
         assert [(e["mechanism"], e["sample_rate"], e["steps"]) for e in entries][0] == ("dp-gan", 1.0, 1)
-        history = [(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in entries]
-        assert info["epsilon"] == pytest.approx(dp_accounting_epsilon(history, 1e-5), rel=0.01) and info["epsilon"] <= 8.0
-        assert info["gan"]["epsilon"] == pytest.approx(0.25 * 8.0, rel=0.01)
     block = summary["synthetic"]
     assert block["generator"] == "merf" and block["images"] == 2 * 2 * 20 and set(block["gan_seconds"]) == {"0", "1"}
     assert set(block["fidelity"]["scores"]) == {str(FEDERATED_POOL), "pooled"}
     assert (tmp_path / "synthetic" / "generator_federated.pt").exists()
+
+
+def _accounted_hospitals(summary: dict, run_dir) -> list[list[dict]]:
+    """Each hospital's ledger entries, after checking that its ε is their composition
+    (cross-checked with dp-accounting), at most the target 8, and its generator's part a quarter."""
+    ledger = json.loads((run_dir / "ledger.json").read_text())
+    hospitals = []
+    for h, info in summary["privacy"]["hospitals"].items():
+        entries = [e for e in ledger["entries"] if str(e["hospital"]) == h]
+        history = [(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in entries]
+        assert info["epsilon"] == pytest.approx(dp_accounting_epsilon(history, 1e-5), rel=0.01) and info["epsilon"] <= 8.0
+        assert info["gan"]["epsilon"] == pytest.approx(0.25 * 8.0, rel=0.01)
+        hospitals.append(entries)
+    assert hospitals
+    return hospitals

@@ -42,7 +42,7 @@ class SharedSynthetic:
     reports: dict[int, dict] = field(default_factory=dict)  # each hospital's reply (privacy history)
 
 
-def made_by(hospital: int | str) -> str:
+def made_by(hospital: int) -> str:
     """Whose images: `hospital_<k>`, or `federated` for the federated GAN's (FEDERATED_GAN)."""
     return "federated" if hospital == FEDERATED_GAN else f"hospital_{hospital}"
 
