@@ -29,10 +29,28 @@ def provenance(settings: RunSettings, overrides: list[str] | None = None) -> dic
         "packages": {name: _version(name) for name in PACKAGES},
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "command": [Path(sys.orig_argv[0]).name, *sys.orig_argv[1:]],
+        "command": redacted([Path(sys.orig_argv[0]).name, *sys.orig_argv[1:]]),
         "overrides": None if overrides is None else list(overrides),
         "config_digest": config_digest(settings),
     }
+
+
+SECRET_FLAGS = ("--token", "--password", "--secret", "--api-key")
+
+
+def redacted(argv: list[str]) -> list[str]:
+    """The command line with the value of every secret-bearing flag (`--token X`,
+    `--token=X`; Flower's simulation process is started with a session token) replaced by
+    `<redacted>`, so summary.json and trackers never hold a credential."""
+    out: list[str] = []
+    for arg in argv:
+        if out and out[-1] in SECRET_FLAGS:
+            out.append("<redacted>")
+        elif arg.split("=", 1)[0] in SECRET_FLAGS and "=" in arg:
+            out.append(arg.split("=", 1)[0] + "=<redacted>")
+        else:
+            out.append(arg)
+    return out
 
 
 def config_digest(settings: RunSettings) -> str:

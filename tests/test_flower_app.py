@@ -163,9 +163,14 @@ def test_flwr_run_gives_the_run_fedpriv_simulate_gives(tmp_path, sampled_local_c
     )
     assert (run_dir / "summary.json").is_file(), output[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert {k: v for k, v in summary.items() if k != "wall_seconds"} == {
-        k: v for k, v in json.loads((simulated_dir / "summary.json").read_text()).items() if k != "wall_seconds"
-    }
+    simulated_summary = json.loads((simulated_dir / "summary.json").read_text())
+    assert _comparable(summary) == _comparable(simulated_summary)
+    # Flower runs the app from its bundle (not a git checkout), under its own command line,
+    # whose session token is not written down.
+    assert summary["provenance"]["git_commit"] is None
+    assert summary["provenance"]["overrides"] == SAMPLED_LOCAL_CENTRAL
+    command = summary["provenance"]["command"]
+    assert "--token" in command and command[command.index("--token") + 1] == "<redacted>"
     assert summary["privacy"]["max_epsilon"] == simulated["privacy"]["max_epsilon"] > 0
     assert _lines(run_dir) == _lines(simulated_dir)
     assert json.loads((run_dir / "ledger.json").read_text()) == json.loads((simulated_dir / "ledger.json").read_text())
@@ -174,6 +179,14 @@ def test_flwr_run_gives_the_run_fedpriv_simulate_gives(tmp_path, sampled_local_c
     assert sorted(p.name for p in (run_dir / "hospitals").glob("*.json")) == [f"hospital_{h}.json" for h in range(4)]
     assert "round 3/3" in output and "round 3/3" in (run_dir / "simulate.log").read_text()
     assert OmegaConf.load(run_dir / ".hydra" / "config.yaml") == compose_config(SAMPLED_LOCAL_CENTRAL)  # resume reads it
+
+
+def _comparable(summary: dict) -> dict:
+    """The summary without what differs between any two runs (wall time) or between the two
+    ways of starting one (the code's location, the command line, and the overrides, which the
+    in-process run is not given)."""
+    provenance = {k: v for k, v in summary["provenance"].items() if k not in ("git_commit", "git_dirty", "command", "overrides")}
+    return {**{k: v for k, v in summary.items() if k != "wall_seconds"}, "provenance": provenance}
 
 
 def _lines(run_dir: Path) -> list[dict]:

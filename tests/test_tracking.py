@@ -18,7 +18,7 @@ from conftest import CENTRAL_BASELINE, ROOT, TINY, compose_config, make_settings
 from fedpriv.errors import FedprivError
 from fedpriv.experiment import run_experiment
 from fedpriv.outputs import to_json
-from fedpriv.provenance import PACKAGES, config_digest, git_state, provenance
+from fedpriv.provenance import PACKAGES, config_digest, git_state, provenance, redacted
 from fedpriv.settings import config_error
 from fedpriv.tracking import MLFLOW_RUN_FILE, scalars, tracking
 
@@ -133,6 +133,11 @@ def test_summary_provenance_names_what_produced_the_run(central_baseline_run):
     assert origin["platform"] == platform.platform() and (len(hostname) < 4 or hostname not in json.dumps(origin))
     head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True)
     assert origin["git_commit"] == (head.stdout.strip() if head.returncode == 0 else None)
+
+
+def test_a_token_on_the_command_line_is_never_written_down():
+    argv = ["flwr-simulation", "--token", "s3cret", "--insecure", "--api-key=abc", "--tokens", "x"]
+    assert redacted(argv) == ["flwr-simulation", "--token", "<redacted>", "--insecure", "--api-key=<redacted>", "--tokens", "x"]
 
 
 def test_config_digest_covers_what_shapes_results_and_nothing_else():
