@@ -280,7 +280,7 @@ def synthetic_summary(settings: RunSettings, run_dir: Path, splits: SplitData, w
     if pretrained.exists():  # synthetic=pretrain: the pretrained model is the train-on-synthetic model
         on_synthetic = torch.load(pretrained, weights_only=True)
     else:
-        on_synthetic = train_on_synthetic(settings, initial_weights(settings), pool)
+        on_synthetic = train_on_synthetic(settings, initial_weights(settings, splits.val), pool)
     quality = synthetic_quality(settings, pool, splits, global_model(settings, weights), global_model(settings, on_synthetic))
     facts = hospital_facts(run_dir)
     one = settings.synthetic.one_generator

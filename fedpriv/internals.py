@@ -109,6 +109,12 @@ INTERNALS = (
         "cache_dir besides the model's own arguments: without_timm_plumbing",
     ),
     Internal(
+        "kymatio", "kymatio.scattering2d.frontend.torch_frontend.ScatteringTorch2D",
+        "the 2D scattering transform's torch front end (J, shape, L; output (N, C, channels, h, w)), "
+        "imported from its own module because kymatio.torch also imports the 3D front end, which "
+        "needs scipy.special.sph_harm (gone in SciPy 1.17); its filters are module buffers: scattering_2d",
+    ),
+    Internal(
         "ray", "ray._private.utils.get_num_cpus",
         "the CPUs a local Ray instance counts (cgroup limits included), before ray.init: local_ray_cpus",
     ),
@@ -316,6 +322,20 @@ TIMM_PLUMBING = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
 def without_timm_plumbing(kwargs: dict) -> dict:
     """A registered entrypoint's arguments without timm's pretrained-config plumbing."""
     return {k: v for k, v in kwargs.items() if k not in TIMM_PLUMBING}
+
+
+# --- kymatio -----------------------------------------------------------------------------------
+
+
+def scattering_2d(scales: int, size: int, angles: int) -> nn.Module:
+    """kymatio's 2D scattering transform of size×size images, its filters kept out of the state
+    dict (fixed by the three numbers, they are rebuilt wherever the model is built)."""
+    from kymatio.scattering2d.frontend.torch_frontend import ScatteringTorch2D
+
+    transform = ScatteringTorch2D(J=scales, shape=(size, size), L=angles)
+    for name, buffer in list(transform.named_buffers(recurse=False)):
+        transform.register_buffer(name, buffer, persistent=False)
+    return transform
 
 
 def local_ray_cpus() -> float:

@@ -2,13 +2,14 @@
 
 fedpriv registers small DP-friendly models in timm's registry (`fedpriv_*`): a hybrid vision
 transformer with a GroupNorm conv stem (a plain ViT from scratch is weak on a thousand images)
-and a GroupNorm CNN. Their position embedding lives in its own module with an Opacus grad
+a GroupNorm CNN, and that CNN beside fixed wavelet scattering features. The ViT's position embedding lives in its own module with an Opacus grad
 sampler, so Opacus never falls back to functorch over the whole model.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from opacus.grad_sample import register_grad_sampler
 from opacus.validators import ModuleValidator
 from timm import create_model, is_model, list_models
@@ -17,7 +18,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from fedpriv.errors import FedprivError
-from fedpriv.internals import register_timm_layer_norm, without_timm_plumbing
+from fedpriv.internals import register_timm_layer_norm, scattering_2d, without_timm_plumbing
 from fedpriv.settings import ModelSettings
 
 
@@ -125,6 +126,68 @@ def fedpriv_cnn_small(pretrained: bool = False, **kwargs) -> SmallGroupNormCNN:
     kwargs = _own_model_kwargs(pretrained, kwargs)
     kwargs.pop("img_size", None)
     return SmallGroupNormCNN(**kwargs)
+
+
+def dihedral_views(x: torch.Tensor) -> list[torch.Tensor]:
+    """The 8 rotations and flips of a batch of patches (mass patches have no orientation)."""
+    views = []
+    for k in range(4):
+        turned = torch.rot90(x, k, dims=(-2, -1))
+        views += [turned, turned.flip(-1)]
+    return views
+
+
+class ScatteringCNN(SmallGroupNormCNN):
+    """The GroupNorm CNN's pooled features beside the log wavelet-scattering coefficients of
+    the patch (Mallat's scattering transform: fixed Morlet filters, no parameters, no data;
+    Tramèr & Boneh, ICLR 2021: DP learning needs better features), both averaged over the 8
+    rotations and flips of the patch, standardized, and read by one linear head.
+
+    Scattering: `scattering_scales` (J) octaves, `scattering_angles` (L) orientations, order 2,
+    average-pooled to a `scattering_grid`² grid, log(1e-3 + S) of the patch in [0, 1] (inputs
+    come normalized to [-1, 1]). The standardization (`feature_mean`, `feature_scale`, 0 and 1
+    until `fit_standardization`) centres every feature: without it DP-SGD spends its clipping
+    budget on the features' common offset. `forward_features`/`forward_head(pre_logits=True)`
+    are the CNN's alone, so a prior trains (and an embedding reads) the CNN as in
+    fedpriv_cnn_small."""
+
+    def __init__(self, in_chans: int = 1, num_classes: int = 1, widths=(32, 64, 128), stem_stride: int = 1,
+                 img_size: int = 64, scattering_scales: int = 2, scattering_angles: int = 8, scattering_grid: int = 4):
+        super().__init__(in_chans, num_classes, widths, stem_stride)
+        self.scattering = scattering_2d(scattering_scales, img_size, scattering_angles)
+        self.scattering_grid = scattering_grid
+        J, L = scattering_scales, scattering_angles
+        channels = in_chans * (1 + J * L + L * L * J * (J - 1) // 2)
+        dims = widths[-1] + channels * scattering_grid**2
+        self.head = nn.Linear(dims, num_classes)
+        self.register_buffer("feature_mean", torch.zeros(dims))
+        self.register_buffer("feature_scale", torch.ones(dims))
+
+    def joint_features(self, x: torch.Tensor) -> torch.Tensor:
+        """CNN and scattering features, each averaged over the 8 views, not yet standardized."""
+        total = 0
+        for view in dihedral_views(x):
+            pooled = self.forward_head(self.forward_features(view), pre_logits=True)
+            coefficients = self.scattering(((view + 1) / 2).contiguous()).flatten(1, 2)
+            grid = F.adaptive_avg_pool2d(coefficients, self.scattering_grid).flatten(1)
+            total = total + torch.cat([pooled, torch.log(1e-3 + grid.clamp(min=0))], dim=1)
+        return total / 8
+
+    @torch.no_grad()
+    def fit_standardization(self, images: torch.Tensor, batch_size: int = 256) -> None:
+        """Set the standardization to the mean and standard deviation of these (normalized) images' features."""
+        features = torch.cat([self.joint_features(images[i : i + batch_size]) for i in range(0, len(images), batch_size)])
+        self.feature_mean.copy_(features.mean(0))
+        self.feature_scale.copy_(features.std(0).clamp(min=1e-6))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head((self.joint_features(x) - self.feature_mean) / self.feature_scale)
+
+
+@register_model
+def fedpriv_cnn_scatter(pretrained: bool = False, **kwargs) -> ScatteringCNN:
+    """fedpriv_cnn_small beside fixed wavelet scattering features, 8-view invariant, standardized."""
+    return ScatteringCNN(**_own_model_kwargs(pretrained, kwargs))
 
 
 def _own_model_kwargs(pretrained: bool, kwargs: dict) -> dict:

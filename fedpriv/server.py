@@ -43,9 +43,27 @@ PRETRAINED_FILE = f"{SYNTHETIC_DIR}/pretrained.pt"
 log = logging.getLogger(__name__)
 
 
-def initial_weights(settings: RunSettings) -> dict[str, torch.Tensor]:
-    """The global model before round 1 (fedpriv.priors.start: random, a prior or given weights)."""
-    return starting_weights(settings.model, settings.prior, settings.data.image_size, settings.seed)[0]
+def initial_weights(settings: RunSettings, val: ImageRecords | None = None) -> dict[str, torch.Tensor]:
+    """The global model before round 1 (`starting_point`'s weights); `val`: the server's
+    validation split, which a model with a feature standardization needs."""
+    return starting_point(settings, val)[0]
+
+
+def starting_point(settings: RunSettings, val: ImageRecords | None) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    """The global model before round 1 and the steps that made it, none touching a hospital's
+    record: fedpriv.priors.start's start (random, a prior or given weights), then, for a model
+    with a feature standardization (model=cnn_scatter), its statistics on the server's
+    validation split — the split that already picks the round and the threshold."""
+    weights, steps = starting_weights(settings.model, settings.prior, settings.data.image_size, settings.seed)
+    model = build_model(settings.model, settings.data.image_size)
+    if not hasattr(model, "fit_standardization"):
+        return weights, steps
+    if val is None:
+        raise FedprivError(f"model.name={settings.model.name} standardizes its features on the validation split; none was given")
+    model.load_state_dict(weights)
+    model.eval().fit_standardization((torch.from_numpy(val.images) - 0.5) / 0.5)
+    step = {"mechanism": "validation-standardization", "epsilon": 0.0, "source": "the server's validation split", "records": len(val)}
+    return model.state_dict(), [*steps, step]
 
 
 def global_model(settings: RunSettings, weights: dict) -> torch.nn.Module:
@@ -142,7 +160,7 @@ def run_rounds(
     Each round: sample → send → aggregate (the federation and its strategy), account, apply
     the release, evaluate, record, checkpoint."""
     seed_flower_dp_noise(settings.seed)  # privacy=central
-    state = _start(federation, settings, ledger, resume_from)
+    state = _start(federation, settings, ledger, resume_from, splits.val)
     if settings.synthetic.enabled:
         state.weights = _use_synthetic(federation, settings, run, ledger, state.weights, state.first_round, splits.val)
     for server_round in range(state.first_round, settings.rounds + 1):
@@ -180,9 +198,10 @@ class RoundsState:
         return _final(self.weights, self.average)
 
 
-def _start(federation: Federation, settings: RunSettings, ledger: PrivacyLedger, resume_from: Checkpoint | None) -> RoundsState:
+def _start(federation: Federation, settings: RunSettings, ledger: PrivacyLedger, resume_from: Checkpoint | None,
+           val: ImageRecords) -> RoundsState:
     """The starting model (or the checkpoint's state), after discovering the hospitals."""
-    weights, public_steps = starting_weights(settings.model, settings.prior, settings.data.image_size, settings.seed)
+    weights, public_steps = starting_point(settings, val)
     resumed = {}
     if resume_from is not None:
         resumed = dict(weights=resume_from.weights, lines=list(resume_from.lines), first_round=resume_from.round + 1,
@@ -331,7 +350,7 @@ def _trusted_pool(settings: RunSettings, run: RunDirectory, pool: SyntheticPool,
     """Score the pool's label fidelity (RUN/synthetic/fidelity.json), flag pools whose labels
     are at chance or swapped, and keep the hospitals that reach synthetic.min_fidelity; None
     when none does (the run goes on without synthetic images; what the GANs spent stays spent)."""
-    starting = global_model(settings, initial_weights(settings))
+    starting = global_model(settings, initial_weights(settings, val))
     scores = pool_fidelity(pool, val, starting, settings.training.eval_batch_size)
     for name, score in scores.items():
         if score.verdict != "ok":

@@ -253,6 +253,13 @@ def _timm_plumbing() -> None:
         timm.create_model(name, num_classes=1, in_chans=1)  # a TypeError names an argument timm added
 
 
+def _scattering() -> None:
+    transform = internals.scattering_2d(2, 16, 4)
+    out = transform(torch.rand(3, 1, 16, 16))
+    assert out.shape == (3, 1, 1 + 2 * 4 + 4 * 4, 4, 4)
+    assert transform.state_dict() == {} and len(list(transform.buffers())) > 0  # filters rebuilt, not saved
+
+
 def _ray_cpus() -> None:
     assert internals.local_ray_cpus() >= 1
 
@@ -272,6 +279,7 @@ CHECKS = {
     "opacus.grad_sample.layer_norm.compute_layer_norm_grad_sample": _layer_norm,
     "timm.models._hub.HF_SAFE_WEIGHTS_NAME": _hub_files,
     "timm.create_model": _timm_plumbing,
+    "kymatio.scattering2d.frontend.torch_frontend.ScatteringTorch2D": _scattering,
     "ray._private.utils.get_num_cpus": _ray_cpus,
 }
 
