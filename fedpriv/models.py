@@ -137,41 +137,68 @@ def dihedral_views(x: torch.Tensor) -> list[torch.Tensor]:
     return views
 
 
+def scattering_permutations(scales: int, angles: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For kymatio's channel order (order 0; order 1 by (j, θ); order 2 by (j1, θ1, j2 > j1, θ2)):
+    the channel each channel of a patch turned by 90° (`turn`) or mirrored left–right
+    (`mirror`) reads from the untouched patch's transform. A 90° turn shifts every
+    orientation by angles/2; a mirror maps orientation l to (angles − 2 − l) mod angles."""
+
+    def channels(orientation) -> torch.Tensor:
+        first = {(j, l): 1 + j * angles + l for j in range(scales) for l in range(angles)}
+        second = [(j1, l1, j2, l2) for j1 in range(scales) for l1 in range(angles) for j2 in range(j1 + 1, scales) for l2 in range(angles)]
+        index = {key: 1 + scales * angles + i for i, key in enumerate(second)}
+        return torch.tensor(
+            [0]
+            + [first[(j, orientation(l))] for j in range(scales) for l in range(angles)]
+            + [index[(j1, orientation(l1), j2, orientation(l2))] for j1, l1, j2, l2 in second]
+        )
+
+    return channels(lambda l: (l + angles // 2) % angles), channels(lambda l: (angles - 2 - l) % angles)
+
+
 class ScatteringCNN(SmallGroupNormCNN):
     """The GroupNorm CNN's pooled features beside the log wavelet-scattering coefficients of
     the patch (Mallat's scattering transform: fixed Morlet filters, no parameters, no data;
     Tramèr & Boneh, ICLR 2021: DP learning needs better features), both averaged over the 8
     rotations and flips of the patch, standardized, and read by one linear head.
 
-    Scattering: `scattering_scales` (J) octaves, `scattering_angles` (L) orientations, order 2,
-    average-pooled to a `scattering_grid`² grid, log(1e-3 + S) of the patch in [0, 1] (inputs
-    come normalized to [-1, 1]). The standardization (`feature_mean`, `feature_scale`, 0 and 1
-    until `fit_standardization`) centres every feature: without it DP-SGD spends its clipping
-    budget on the features' common offset. `forward_features`/`forward_head(pre_logits=True)`
-    are the CNN's alone, so a prior trains (and an embedding reads) the CNN as in
-    fedpriv_cnn_small."""
+    Scattering: `scattering_scales` (J) octaves, `scattering_angles` (L, a multiple of 4)
+    orientations, order 2, of the patch in [0, 1] (inputs come normalized to [-1, 1]),
+    average-pooled to a `scattering_grid`² grid, then log(1e-3 + S). It is computed once per
+    patch: turning the patch by 90° or mirroring it turns the coefficient maps and permutes
+    their orientations, so the 8 views' coefficients are the permuted, turned maps of one
+    transform (to within about 2 % after pooling; the CNN runs on all 8 views). The
+    standardization (`feature_mean`, `feature_scale`: 0 and 1 until `fit_standardization`)
+    centres every feature: without it DP-SGD spends its clipping budget on the features'
+    common offset. `forward_features`/`forward_head(pre_logits=True)` are the CNN's alone, so
+    a prior trains (and an embedding reads) the CNN as in fedpriv_cnn_small."""
 
     def __init__(self, in_chans: int = 1, num_classes: int = 1, widths=(32, 64, 128), stem_stride: int = 1,
                  img_size: int = 64, scattering_scales: int = 2, scattering_angles: int = 8, scattering_grid: int = 4):
         super().__init__(in_chans, num_classes, widths, stem_stride)
+        if scattering_angles % 4:
+            raise ValueError(f"scattering_angles={scattering_angles} must be a multiple of 4 (turns of 90° permute orientations)")
         self.scattering = scattering_2d(scattering_scales, img_size, scattering_angles)
         self.scattering_grid = scattering_grid
-        J, L = scattering_scales, scattering_angles
-        channels = in_chans * (1 + J * L + L * L * J * (J - 1) // 2)
-        dims = widths[-1] + channels * scattering_grid**2
+        turn, mirror = scattering_permutations(scattering_scales, scattering_angles)
+        self.register_buffer("turn", turn, persistent=False)
+        self.register_buffer("mirror", mirror, persistent=False)
+        dims = widths[-1] + in_chans * len(turn) * scattering_grid**2
         self.head = nn.Linear(dims, num_classes)
         self.register_buffer("feature_mean", torch.zeros(dims))
         self.register_buffer("feature_scale", torch.ones(dims))
 
     def joint_features(self, x: torch.Tensor) -> torch.Tensor:
         """CNN and scattering features, each averaged over the 8 views, not yet standardized."""
-        total = 0
-        for view in dihedral_views(x):
-            pooled = self.forward_head(self.forward_features(view), pre_logits=True)
-            coefficients = self.scattering(((view + 1) / 2).contiguous()).flatten(1, 2)
-            grid = F.adaptive_avg_pool2d(coefficients, self.scattering_grid).flatten(1)
-            total = total + torch.cat([pooled, torch.log(1e-3 + grid.clamp(min=0))], dim=1)
-        return total / 8
+        pooled = sum(self.forward_head(self.forward_features(view), pre_logits=True) for view in dihedral_views(x)) / 8
+        coefficients = self.scattering(((x + 1) / 2).contiguous())  # N, C, K, h, w
+        maps = F.adaptive_avg_pool2d(coefficients.flatten(0, 1), self.scattering_grid).unflatten(0, coefficients.shape[:2])
+        views, order = 0, torch.arange(maps.shape[2], device=x.device)
+        for k in range(4):
+            turned = torch.rot90(maps[:, :, order], k, dims=(-2, -1))
+            views = views + turned + turned[:, :, self.mirror].flip(-1)
+            order = order[self.turn]
+        return torch.cat([pooled, torch.log(1e-3 + (views / 8).clamp(min=0).flatten(1))], dim=1)
 
     @torch.no_grad()
     def fit_standardization(self, images: torch.Tensor, batch_size: int = 256) -> None:

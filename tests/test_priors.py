@@ -13,6 +13,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from fedpriv.client import backbone_frozen
+from fedpriv.data.sources import load_splits
 from fedpriv.data.phantom import PhantomSpec, generate_phantom_mammo
 from fedpriv.errors import FedprivError
 from fedpriv.models import build_model, freeze_backbone
@@ -20,6 +21,7 @@ from fedpriv.priors.build import PRIOR_STREAM, prior_weights
 from fedpriv.priors.random_process import augment, nt_xent, random_process_images
 from fedpriv.priors.start import starting_weights
 from fedpriv.privacy.engine import make_private
+from fedpriv.server import initial_weights, starting_point
 from fedpriv.settings import ModelSettings, PriorSettings
 from fedpriv.training import train_epochs
 
@@ -187,3 +189,29 @@ def test_bad_prior_settings_are_refused_naming_the_key(tmp_path):
     ]:
         with pytest.raises(FedprivError, match=key):
             make_settings([*TINY, *overrides])
+
+
+def test_a_standardized_model_starts_from_the_validation_splits_statistics_and_says_so(tmp_path):
+    """model=cnn_scatter: its features are standardized on the server's validation split before
+    round 1 — a step of the ledger and summary that touches no hospital record (ε = 0) — and
+    every hospital trains from those statistics (they travel in the global weights)."""
+    overrides = [*TINY, "model=cnn_scatter", "+model.kwargs.widths=[8,8,16]", "model.kwargs.scattering_angles=4",
+                 "training.freeze=backbone", "training.lr=0.1"]
+    settings = make_settings(overrides)
+    splits = load_splits(settings.data, settings.seed)
+    weights, steps = starting_point(settings, splits.val)
+    assert steps == [{"mechanism": "validation-standardization", "epsilon": 0.0, "source": "the server's validation split", "records": len(splits.val)}]
+    model = build_model(settings.model, settings.data.image_size).eval()
+    model.load_state_dict(weights)
+    with torch.no_grad():
+        features = model.joint_features((torch.from_numpy(splits.val.images) - 0.5) / 0.5)
+    assert torch.allclose(weights["feature_mean"], features.mean(0), atol=1e-5)
+    with pytest.raises(FedprivError, match="model.name=fedpriv_cnn_scatter standardizes its features on the validation split"):
+        initial_weights(settings)
+    summary = run_in_process(settings, tmp_path / "run")
+    ledger = json.loads((tmp_path / "run" / "ledger.json").read_text())
+    assert ledger["public_steps"] == steps == summary["privacy"]["public_steps"]
+    assert summary["rounds_completed"] == 2 and 0 < summary["privacy"]["max_epsilon"] <= 8.0 + 1e-6
+    final = torch.load(tmp_path / "run" / "model.pt")
+    assert torch.equal(final["feature_mean"], weights["feature_mean"])  # no round moved the statistics
+    assert not torch.equal(final["head.weight"], weights["head.weight"])
