@@ -2,8 +2,8 @@
 # Study: priors that cost no privacy on the CBIS-DDSM mass patches (configs/experiment/recipe_cbis.yaml, the shipped recipe).
 # 1. The ε grid × seeds, centralized (num_clients=1) and 3 hospitals (num_clients=3), each with
 #    its non-private twin → OUT/central/, OUT/federated/.
-# 2. Ablations, centralized at ABLATION_EPSILONS: the recipe with one choice changed
-#    → OUT/ablation/<name>/.
+# 2. Ablations, centralized at ABLATION_EPSILONS: the recipe without its scattering features,
+#    and that CNN-only recipe with one more choice changed → OUT/ablation/<name>/.
 # 3. One report over every run, against the published rows → OUT/report/.
 # The prior is computed once per seed (and per setting that shapes it) and cached in
 # $FEDPRIV_CACHE/priors (default ~/.cache/fedpriv/priors): a sweep pays for it once.
@@ -18,18 +18,20 @@ source simulations/_sweep.sh
 OUT=${1:-studies/priors_cbis}
 shift || true
 declare -A SETTING=([central]="num_clients=1" [federated]="num_clients=3")
+CNN_ONLY="model=cnn_small training.lr=0.5"  # the recipe without scattering features (the head then reads 128 features)
 declare -A ABLATION=(
-  [prior_none]="prior=none"                       # no prior: random initialization
-  [prior_phantom]="prior=phantom"                 # supervised on the procedural phantom
-  [no_freeze]="training.freeze=none privacy.max_grad_norm=10 training.lr=0.02"   # every layer trains from round 1 (the from-scratch recipe's C and lr)
-  [transformer]="model=vit_hybrid_tiny ~model.kwargs.stem_stride"           # the conv-stem ViT with its own prior and the same schedule
-  [px32]="data.image_size=32 model.kwargs.stem_stride=1"  # 32 px, stem at full resolution (the same cost)
+  [no_scattering]="$CNN_ONLY"                                 # the prior's CNN features alone
+  [prior_none]="$CNN_ONLY prior=none"                         # no prior: random initialization
+  [prior_phantom]="$CNN_ONLY prior=phantom"                   # supervised on the procedural phantom
+  [no_freeze]="$CNN_ONLY training.freeze=none privacy.max_grad_norm=10 training.lr=0.02"   # every layer trains from round 1 (the from-scratch recipe's C and lr)
+  [transformer]="model=vit_hybrid_tiny training.lr=0.5 ~model.kwargs.stem_stride"  # the conv-stem ViT with its own prior and the CNN-only schedule
+  [px32]="$CNN_ONLY data.image_size=32 model.kwargs.stem_stride=1"  # 32 px, stem at full resolution (the same cost)
 )
 for federation in ${FEDERATIONS-central federated}; do
   # shellcheck disable=SC2086  # the setting is a list of overrides
   sweep recipe_cbis "$OUT/$federation" "${EPSILONS:-1,6,12,20,60}" "${SEEDS:-0,1,2}" ${SETTING[$federation]} "$@"
 done
-for name in ${ABLATIONS-prior_none prior_phantom no_freeze transformer px32}; do
+for name in ${ABLATIONS-no_scattering prior_none prior_phantom no_freeze transformer px32}; do
   # shellcheck disable=SC2086
   python -m fedpriv.simulate -m +experiment=recipe_cbis "privacy.target_epsilon=${ABLATION_EPSILONS:-1,6}" "seed=${SEEDS:-0,1,2}" \
     ${SETTING[central]} ${ABLATION[$name]} "hydra.sweep.dir=$OUT/ablation/$name" "$@"
