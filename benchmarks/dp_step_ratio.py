@@ -45,13 +45,13 @@ def main() -> None:
     def one_batch_loader() -> DataLoader:  # one batch per epoch; under DP sample rate 1.0: the same batch
         return DataLoader(data, batch_size=args.batch)
 
-    runs = {}
     def model_to_train():
         model = build_model(settings.model, size)
         if settings.training.freeze == "backbone":
             freeze_backbone(model, settings.model.name)
         return model
 
+    runs = {}
     torch.manual_seed(0)
     model = model_to_train()
     plain_optimizer = make_optimizer(model, settings.training)

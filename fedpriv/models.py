@@ -1,9 +1,10 @@
 """Models from timm's registry, made trainable by Opacus with per-layer per-sample gradients.
 
 fedpriv registers small DP-friendly models in timm's registry (`fedpriv_*`): a hybrid vision
-transformer with a GroupNorm conv stem (a plain ViT from scratch is weak on a thousand images)
-a GroupNorm CNN, and that CNN beside fixed wavelet scattering features. The ViT's position embedding lives in its own module with an Opacus grad
-sampler, so Opacus never falls back to functorch over the whole model.
+transformer with a GroupNorm conv stem (a plain ViT from scratch is weak on a thousand images),
+a GroupNorm CNN, and that CNN beside fixed wavelet scattering features. The ViT's position
+embedding lives in its own module with an Opacus grad sampler, so Opacus never falls back to
+functorch over the whole model.
 """
 
 from __future__ import annotations

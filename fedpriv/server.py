@@ -200,20 +200,21 @@ class RoundsState:
 
 def _start(federation: Federation, settings: RunSettings, ledger: PrivacyLedger, resume_from: Checkpoint | None,
            val: ImageRecords) -> RoundsState:
-    """The starting model (or the checkpoint's state), after discovering the hospitals."""
-    weights, public_steps = starting_point(settings, val)
-    resumed = {}
+    """The starting model (or the checkpoint's state), after discovering the hospitals. A
+    resumed run takes its weights and public steps from the checkpoint and its ledger, so the
+    starting point (a prior, a standardization pass) is not made again."""
     if resume_from is not None:
-        resumed = dict(weights=resume_from.weights, lines=list(resume_from.lines), first_round=resume_from.round + 1,
-                       average=resume_from.ema, selected=resume_from.selected)
+        start = dict(weights=resume_from.weights, lines=list(resume_from.lines), first_round=resume_from.round + 1,
+                     average=resume_from.ema, selected=resume_from.selected)
         restore_strategy_state(federation.strategy, resume_from.strategy)
         resume_from.restore_rngs()
     else:
-        ledger.public = public_steps  # how the run started: steps that touched no private record (ε = 0)
+        weights, ledger.public = starting_point(settings, val)  # steps that touched no hospital record (ε = 0)
+        start = dict(weights=weights)
     facts = federation.describe_hospitals()
     hospitals = _sync_ledger(ledger, settings, facts)
     central_sigma = central_noise_multiplier(settings) if settings.privacy.central else None
-    return RoundsState(**{"weights": weights, **resumed, "hospitals": hospitals, "facts": facts, "central_sigma": central_sigma})
+    return RoundsState(**start, hospitals=hospitals, facts=facts, central_sigma=central_sigma)
 
 
 def _account(outcome, server_round: int, state: RoundsState, federation, settings: RunSettings, run: RunDirectory, ledger: PrivacyLedger) -> bool:

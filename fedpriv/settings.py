@@ -327,7 +327,6 @@ class SyntheticSettings:
         return self.federated or self.generator == "merf"
 
 
-
 SYNTHETIC_MODES = ("none", "augment", "pretrain")
 GENERATORS = ("gan", "merf")
 GAN_PRIORS = ("none", "phantom")
