@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import ConcatDataset, DataLoader
+from torch.utils.data import ConcatDataset, DataLoader, TensorDataset
 
 from fedpriv.data.partition import partition_by_patient
 from fedpriv.data.records import ImageRecords
@@ -22,6 +22,7 @@ from fedpriv.data.sources import load_splits
 from fedpriv.devices import backend_device
 from fedpriv.models import build_model, freeze_backbone
 from fedpriv.errors import FedprivError
+from fedpriv.head_inputs import classifier, head_inputs
 from fedpriv.privacy.accounting import epsilon_spent, poisson_plan
 from fedpriv.privacy.engine import make_private
 from fedpriv.privacy.hospital_state import (
@@ -189,7 +190,8 @@ class HospitalTrainer:
         shard = hospital_shard(s, hospital)
         model = build_model(s.model, s.data.image_size)
         model.load_state_dict(weights)
-        if backbone_frozen(s.training, server_round):
+        frozen = backbone_frozen(s.training, server_round)
+        if frozen:
             freeze_backbone(model, s.model.name)
         model.to(device)
         views = s.training.augmentations
@@ -200,6 +202,12 @@ class HospitalTrainer:
                 raise FedprivError(f"hospital {hospital}: synthetic=augment but the server sent no synthetic images")
             extra = SyntheticPool.from_arrays(shared).draw(mixed, seed + 3)
             dataset = ConcatDataset([dataset, RecordDataset(extra, s.data.augment, views)])
+        trained, trained_weights = model, weights
+        inputs = head_inputs(model, shard.images, s.training.eval_batch_size) if frozen and not (s.data.augment or mixed) else None
+        if inputs is not None:  # only the head trains: on what the frozen backbone makes of each record, computed once
+            name, trained = classifier(model)
+            trained_weights = {k.removeprefix(f"{name}."): v for k, v in weights.items() if k.startswith(f"{name}.")}
+            dataset = TensorDataset(inputs, torch.from_numpy(shard.labels.astype(np.float32)).to(inputs.device))
         loader = DataLoader(
             dataset,
             batch_size=s.training.batch_size,
@@ -208,13 +216,13 @@ class HospitalTrainer:
         )
         steps_per_round = s.local_epochs * poisson_plan(len(dataset), s.training.batch_size)[1]
         plan = StepPlan.of_round(server_round, s.rounds, steps_per_round)
-        optimizer = self._optimizer(model, weights, plan, float(config.get("proximal-mu", 0.0)))
+        optimizer = self._optimizer(trained, trained_weights, plan, float(config.get("proximal-mu", 0.0)))
         metrics = {"hospital": hospital, NUM_EXAMPLES: len(shard), UNIFORM_WEIGHT: 1}
         if s.privacy.local:
-            weights, privacy_metrics = self._train_private(model, optimizer, loader, hospital, server_round, seed, plan)
+            weights, privacy_metrics = self._train_private(model, trained, optimizer, loader, hospital, server_round, seed, plan)
             metrics.update(privacy_metrics)
         else:
-            metrics["train_loss"] = train_epochs(model, optimizer, loader, s.local_epochs, False, views)
+            metrics["train_loss"] = train_epochs(trained, optimizer, loader, s.local_epochs, False, views)
             weights = model.state_dict()
         weights = {k: v.cpu() for k, v in weights.items()}  # what leaves the hospital (no copy on the CPU)
         inject_fault(s.faults, s.seed, server_round, hospital)
@@ -231,7 +239,9 @@ class HospitalTrainer:
             optimizer.register_step_post_hook(proximal_pull(model, weights, mu))
         return optimizer
 
-    def _train_private(self, model, optimizer, loader, hospital: int, server_round: int, seed: int, plan: StepPlan):
+    def _train_private(self, model, trained, optimizer, loader, hospital: int, server_round: int, seed: int, plan: StepPlan):
+        """DP-SGD on `trained` (the model, or its head alone when it reads cached backbone
+        outputs: fedpriv.head_inputs); releases the whole model, recorded first."""
         s, p = self.settings, self.settings.privacy
         mechanism = classifier_mechanism(s, len(hospital_shard(s, hospital)))
         sample_rate, steps = mechanism.sample_rate, mechanism.steps
@@ -247,14 +257,15 @@ class HospitalTrainer:
             return unchanged, metrics
         device = next(model.parameters()).device
         noise = torch.Generator(device=device).manual_seed(seed + 1)
-        session = make_private(model, optimizer, loader, sigma, p.max_grad_norm, before, noise, p.grad_sample_mode)
+        session = make_private(trained, optimizer, loader, sigma, p.max_grad_norm, before, noise, p.grad_sample_mode)
         if p.final_max_grad_norm is not None:
             follow_clip_schedule(optimizer, session.set_clip_norm, p.max_grad_norm, p.final_max_grad_norm, plan)
         with session.physical_batches(s.training.max_physical_batch_size) as batches:
             loss = train_epochs(
                 session.model, session.optimizer, batches, s.local_epochs, True, s.training.augmentations, session.ghost_loss
             )
-        released = {k: v.cpu() for k, v in session.unwrapped_state().items()}
+        # Opacus trained `trained`'s own parameters in place: the whole model holds them
+        released = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         # The accountant is the ground truth of what DP-SGD ran (it merges equal consecutive entries).
         accounted = sum(n for *_, n in session.history) - sum(n for *_, n in before)
         if accounted != steps or session.history[-1][:2] != (sigma, sample_rate):

@@ -11,6 +11,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from fedpriv.data.records import ImageRecords
+from fedpriv.head_inputs import classifier, head_inputs
 from fedpriv.internals import average_grad_samples_over_views, set_empty_batch_gradients, unwrap_opacus_module
 from fedpriv.settings import TrainingSettings
 
@@ -138,6 +139,10 @@ def predict(model: nn.Module, records: ImageRecords, batch_size: int, tta: bool 
     from the mean logit over the image's 8 dihedral views."""
     model.eval()
     device = _device_of(model)
+    inputs = None if tta else head_inputs(model, records.images, batch_size)
+    if inputs is not None:  # the backbone's output, computed once per backbone (fedpriv.head_inputs)
+        _, head = classifier(model)
+        return torch.sigmoid(head(inputs).reshape(-1)).cpu().numpy()
     loader = DataLoader(RecordDataset(records, augment=False), batch_size=batch_size)
 
     def logits(images: torch.Tensor) -> torch.Tensor:

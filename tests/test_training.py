@@ -1,11 +1,14 @@
 """Local training pieces run in-process: determinism and FedProx's proximal pull."""
 
 import numpy as np
+import pytest
 import torch
 
 from conftest import TINY, make_settings
+from fedpriv import client
 from fedpriv.client import HospitalTrainer
 from fedpriv.data.records import ImageRecords
+from fedpriv.head_inputs import head_inputs
 from fedpriv.models import build_model
 from fedpriv.server import initial_weights
 from fedpriv.settings import ModelSettings
@@ -64,3 +67,45 @@ def test_test_time_augmentation_scores_every_rotation_and_flip_of_an_image_alike
         assert np.allclose(predict(model, records(view.contiguous()), batch_size=4, tta=True), base, atol=1e-5)
     turned = predict(model, records(torch.rot90(images, 1, (2, 3)).contiguous()), batch_size=4)
     assert not np.allclose(turned, predict(model, records(images), batch_size=4), atol=1e-4)
+
+
+@pytest.mark.parametrize("privacy", ["local", "none"])
+def test_a_frozen_backbone_trains_its_head_on_backbone_outputs_computed_once_to_the_same_weights(tmp_path, monkeypatch, privacy):
+    """training.freeze=backbone without augmentation: the head trains on what the backbone
+    makes of each record, computed once (fedpriv.head_inputs) — the same Poisson batches,
+    clipping, noise and ε as training the whole model with its backbone frozen."""
+    settings = make_settings([*TINY, "model=cnn_small", "training.freeze=backbone", "data.augment=false", f"privacy={privacy}"])
+    start = initial_weights(settings)
+    model = build_model(settings.model, settings.data.image_size)
+    model.load_state_dict(start)
+    assert head_inputs(model, client.hospital_shard(settings, 0).images, batch_size=16) is not None
+    fast, fast_metrics = HospitalTrainer(settings, str(tmp_path / "fast"))(0, start, {"server-round": 1})
+    monkeypatch.setattr(client, "head_inputs", lambda *args: None)  # the whole model, every step
+    whole, whole_metrics = HospitalTrainer(settings, str(tmp_path / "whole"))(0, start, {"server-round": 1})
+    assert set(fast) == set(start)
+    assert all(torch.equal(fast[k], start[k]) for k in start if not k.startswith("head."))  # the backbone stayed frozen
+    assert not torch.equal(fast["head.weight"], start["head.weight"])
+    assert all(torch.allclose(fast[k], whole[k], atol=1e-5) for k in start)
+    assert fast_metrics.get("epsilon") == whole_metrics.get("epsilon")
+
+
+def test_head_inputs_are_reused_for_the_same_backbone_and_records_only():
+    torch.manual_seed(0)
+    model = build_model(ModelSettings("fedpriv_cnn_small", (("widths", (8, 16, 16)),)), 32)
+    images = np.random.default_rng(0).random((6, 1, 32, 32), dtype=np.float32)
+    first = head_inputs(model, images, batch_size=4)
+    assert first.shape == (6, 16) and head_inputs(model, images, batch_size=4) is first
+    assert head_inputs(model, images[:5], batch_size=4) is not first  # other records
+    with torch.no_grad():
+        model.features[0][0].weight.add_(0.1)  # another backbone
+    assert not torch.allclose(head_inputs(model, images, batch_size=4), first)
+    with torch.no_grad():
+        model.head.weight.add_(1.0)  # the head is not part of the key: its inputs are unchanged
+    assert head_inputs(model, images, batch_size=4) is head_inputs(model, images, batch_size=4)
+    expected = torch.sigmoid(model(torch.from_numpy((images - 0.5) / 0.5)).reshape(-1)).detach().numpy()
+    assert np.allclose(predict(model, ImageRecords(images, np.zeros(6), np.arange(6)), batch_size=4), expected, atol=1e-6)
+
+
+def test_a_backbone_with_random_layers_is_run_whole():
+    model = build_model(ModelSettings("fedpriv_vit_hybrid_tiny", (("drop_rate", 0.1),)), 32)
+    assert head_inputs(model, np.zeros((2, 1, 32, 32), dtype=np.float32), batch_size=2) is None
