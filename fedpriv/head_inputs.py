@@ -39,10 +39,13 @@ def classifier(model: nn.Module) -> tuple[str, nn.Linear] | None:
     return next((name for name, module in model.named_modules() if module is head), ""), head
 
 
+DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
+
+
 def has_random_layers(model: nn.Module) -> bool:
     """Dropout or drop-path with a non-zero rate: the backbone's output then varies by step."""
     return any(
-        (isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0) or float(getattr(m, "drop_prob", 0) or 0) > 0
+        (isinstance(m, DROPOUTS) and m.p > 0) or float(getattr(m, "drop_prob", 0) or 0) > 0
         for m in model.modules()
     )
 

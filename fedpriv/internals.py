@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from flwr.app import Array, ArrayRecord
 from torch import nn
 
 
@@ -58,6 +59,12 @@ INTERNALS = (
         "all it carries between rounds (`current_arrays` is set by configure_train): strategy_state",
     ),
     Internal("flwr", "flwr.serverapp.strategy.FedYogi", "as FedAdam: `m_t`, `v_t`: strategy_state"),
+    Internal(
+        "flwr", "flwr.serverapp.strategy.FedAvgM",
+        "the server momentum `momentum_vector` (a list of ndarrays, None before the first aggregation) and "
+        "`current_arrays` (an ArrayRecord: the weights before the server-side DP noise, under client-level DP) "
+        "are all it carries between rounds: strategy_state",
+    ),
     Internal(
         "flwr", "flwr.serverapp.strategy.DifferentialPrivacyServerSideAdaptiveClipping",
         "`clipping_norm` (a float, updated every round) and the wrapped `strategy`: strategy_state",
@@ -198,6 +205,7 @@ def restore_flower_rng_state(state: dict) -> None:
 _STRATEGY_STATE = {
     "FedAdam": ("m_t", "v_t"),
     "FedYogi": ("m_t", "v_t"),
+    "FedAvgM": ("momentum_vector", "current_arrays"),
     "DifferentialPrivacyServerSideAdaptiveClipping": ("clipping_norm",),
     "DifferentialPrivacyServerSideFixedClipping": (),
 }
@@ -232,16 +240,29 @@ def restore_strategy_state(strategy, state: dict) -> None:
             setattr(part, name, _from_plain(state[name]))
 
 
+#: The key under which a saved strategy state holds an ArrayRecord's arrays.
+ARRAY_RECORD = "__array_record__"
+
+
 def _plain(value):
-    """numpy arrays (also in dicts) as tensors; numbers and None as they are."""
+    """numpy arrays (also in dicts and lists) as tensors, an ArrayRecord as {ARRAY_RECORD: its
+    tensors}; numbers and None as they are."""
+    if isinstance(value, ArrayRecord):
+        return {ARRAY_RECORD: {k: torch.from_numpy(v.numpy().copy()) for k, v in value.items()}}
     if isinstance(value, dict):
         return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
     return torch.tensor(value) if isinstance(value, np.ndarray) else value
 
 
 def _from_plain(value):
+    if isinstance(value, dict) and set(value) == {ARRAY_RECORD}:
+        return ArrayRecord({k: Array(v.numpy()) for k, v in value[ARRAY_RECORD].items()})
     if isinstance(value, dict):
         return {k: _from_plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_from_plain(v) for v in value]
     return value.numpy() if isinstance(value, torch.Tensor) else value
 
 

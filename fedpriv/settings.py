@@ -226,7 +226,8 @@ class TrainingSettings:
 @dataclass(frozen=True)
 class StrategySettings:
     """Aggregation (`strategy=` group): `proximal_mu` for fedprox, `server_lr`/`tau` for
-    fedadam and fedyogi; `fraction_train` is the share of hospitals sampled per round."""
+    fedadam and fedyogi, `server_lr`/`server_momentum` for fedavgm; `fraction_train` is the
+    share of hospitals sampled per round."""
 
     name: str
     fraction_train: float
@@ -235,6 +236,7 @@ class StrategySettings:
     proximal_mu: float | None = None
     server_lr: float | None = None
     tau: float | None = None
+    server_momentum: float | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -622,6 +624,10 @@ def validate(s: RunSettings) -> None:
     if st.name in ("fedadam", "fedyogi"):
         _require(st.server_lr is not None and st.server_lr > 0, f"strategy.server_lr={st.server_lr} must be > 0")
         _require(st.tau is not None and st.tau > 0, f"strategy.tau={st.tau} must be > 0")
+    if st.name == "fedavgm":
+        _require(st.server_lr is not None and st.server_lr > 0, f"strategy.server_lr={st.server_lr} must be > 0")
+        m = st.server_momentum
+        _require(m is not None and 0 <= m < 1, f"strategy.server_momentum={m} must be in [0, 1)")
     _require(s.audit.name in AUDITS, f"audit={s.audit.name!r} is unknown; choose one of {AUDITS}")
     if s.audit.name == "mia":
         c = s.audit.confidence

@@ -41,6 +41,7 @@ def test_bad_setting_names_the_key(override, key):
         (["strategy=fedprox", "strategy.proximal_mu=-0.1"], "strategy.proximal_mu"),
         (["strategy=fedadam", "strategy.server_lr=0"], "strategy.server_lr"),
         (["strategy=fedyogi", "strategy.tau=-1"], "strategy.tau"),
+        (["strategy=fedavgm", "strategy.server_momentum=1"], "strategy.server_momentum"),
         (["strategy.clients_per_round=9", "num_clients=4"], "strategy.clients_per_round"),
         (["privacy=central", "privacy.client_target_epsilon=0"], "privacy.client_target_epsilon"),
         (["privacy=central", "privacy.update_clip_norm=-1"], "privacy.update_clip_norm"),

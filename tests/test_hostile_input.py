@@ -24,7 +24,7 @@ GROUPS = {
     "data": ["phantom_mammo", "phantom_ct", "cbis_ddsm", "manifest", "breastmnist", "image_folder"],
     "privacy": ["none", "local", "central", "local_central"],
     "partition": ["iid", "dirichlet", "quantity", "by_column"],
-    "strategy": ["fedavg", "fedprox", "fedadam", "fedyogi"],
+    "strategy": ["fedavg", "fedprox", "fedadam", "fedyogi", "fedavgm"],
     "model": ["vit_hybrid_tiny", "cnn_small", "cnn3d_small"],
     "audit": ["none", "mia"],
     "logger": ["none", "mlflow", "tensorboard"],

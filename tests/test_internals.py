@@ -58,6 +58,7 @@ PRIVACY = {"none": ["privacy=none"], **{c: ["privacy=central", f"privacy.clippin
 STRATEGY_SETTINGS = {
     "FedAdam": ["strategy=fedadam"],
     "FedYogi": ["strategy=fedyogi"],
+    "FedAvgM": ["strategy=fedavgm"],
     "DifferentialPrivacyServerSideAdaptiveClipping": PRIVACY["adaptive"],
     "DifferentialPrivacyServerSideFixedClipping": PRIVACY["fixed"],
 }
@@ -82,6 +83,10 @@ def _differences(a, b, path: str) -> list[str]:
         return [d for k in a for d in _differences(a[k], b[k], f"{path}[{k!r}]")]
     if isinstance(a, np.ndarray):
         return [] if a.dtype == b.dtype and np.array_equal(a, b) else [path]
+    if isinstance(a, list):
+        if len(a) != len(b):
+            return [path]
+        return [d for i, (x, y) in enumerate(zip(a, b)) for d in _differences(x, y, f"{path}[{i}]")]
     return [] if a is b or a == b else [path]
 
 
@@ -387,7 +392,7 @@ self._cache = self._build()
 
 
 @pytest.mark.parametrize("privacy", list(PRIVACY.values()), ids=list(PRIVACY))
-@pytest.mark.parametrize("name", ["fedavg", "fedprox", "fedadam", "fedyogi"])
+@pytest.mark.parametrize("name", ["fedavg", "fedprox", "fedadam", "fedyogi", "fedavgm"])
 def test_a_rebuilt_strategy_continues_exactly_as_the_one_that_ran(name, privacy, flower_task):
     overrides = [f"strategy={name}", *privacy]
     used, weights = _strategy(overrides), WEIGHTS
@@ -403,5 +408,5 @@ def test_a_rebuilt_strategy_continues_exactly_as_the_one_that_ran(name, privacy,
         np.random.seed(7)  # the central noise
         after.append(_round(strategy, 3, weights))
     assert all(torch.equal(after[0][k], after[1][k]) for k in weights)  # bit for bit
-    stateful = name in ("fedadam", "fedyogi") or "privacy.clipping=adaptive" in privacy
+    stateful = name in ("fedadam", "fedyogi", "fedavgm") or "privacy.clipping=adaptive" in privacy
     assert stateful == (not all(torch.equal(after[0][k], after[2][k]) for k in weights))  # the state matters where there is one

@@ -9,7 +9,7 @@ aggregation (hospital_ordered, applied by fedpriv.federation).
 from __future__ import annotations
 
 from flwr.app import MetricRecord
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, FedYogi, Strategy
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx, FedYogi, Strategy
 
 from fedpriv.errors import FedprivError
 from fedpriv.protocol import NUM_EXAMPLES, UNIFORM_WEIGHT
@@ -48,6 +48,12 @@ def fedavg(settings: StrategySettings, sampling: dict) -> Strategy:
     return FedAvg(**sampling)
 
 
+def fedavgm(settings: StrategySettings, sampling: dict) -> Strategy:
+    """FedAvg, then SGD with momentum on the server over the averaged update (Hsu et al.
+    2019): the momentum hospitals' local optimizers restart every round carries across rounds."""
+    return FedAvgM(**sampling, server_learning_rate=settings.server_lr, server_momentum=settings.server_momentum)
+
+
 def fedprox(settings: StrategySettings, sampling: dict) -> Strategy:
     """FedAvg aggregation; hospitals add the proximal pull μ(w − w_global) to their steps."""
     return FedProx(**sampling, proximal_mu=settings.proximal_mu)
@@ -63,7 +69,7 @@ def fedyogi(settings: StrategySettings, sampling: dict) -> Strategy:
     return FedYogi(**sampling, eta=settings.server_lr, tau=settings.tau)
 
 
-STRATEGIES = {"fedavg": fedavg, "fedprox": fedprox, "fedadam": fedadam, "fedyogi": fedyogi}
+STRATEGIES = {"fedavg": fedavg, "fedavgm": fedavgm, "fedprox": fedprox, "fedadam": fedadam, "fedyogi": fedyogi}
 
 
 def build_strategy(
