@@ -59,6 +59,7 @@ def run_experiment(
     *,
     grid: Grid | None = None,
     overrides: list[str] | None = None,
+    keep_warm: bool = False,
 ) -> dict:
     """Run the configured federation; write every output into run_dir, and report to the
     tracker of settings.logger; return the summary.
@@ -67,7 +68,8 @@ def run_experiment(
     `grid`: None starts Flower's simulation engine for this run (`fedpriv simulate`); a Grid
     is the one of a ServerApp Flower already runs (`flwr run`, fedpriv.flower_app), whose
     nodes are the hospitals. `overrides` (the Hydra overrides that made `settings`) go into
-    the summary's provenance.
+    the summary's provenance. `keep_warm`: leave Ray and the hospitals' workers running for
+    the next run of a sweep (fedpriv.federation.run_federation).
     """
     started = time.perf_counter()
     origin = provenance(settings, overrides)
@@ -105,6 +107,7 @@ def run_experiment(
                     settings.num_clients,
                     settings.backend,
                     settings.verbose,
+                    keep_warm,
                 )
             else:
                 server_main(Federation(grid, *federation))

@@ -9,7 +9,9 @@ with the Ray backend.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import json
 import logging
 import os
 import re
@@ -28,7 +30,13 @@ from flwr.serverapp.strategy import Strategy
 from flwr.simulation import run_simulation
 
 from fedpriv.errors import FedprivError
-from fedpriv.internals import local_ray_cpus, swap_flower_message_queue
+from fedpriv.internals import (
+    keep_flower_actors,
+    kept_flower_actors_key,
+    local_ray_cpus,
+    release_flower_actors,
+    swap_flower_message_queue,
+)
 from fedpriv.protocol import GAN_ROUND, PARTITION_ID, SYNTHESIZE
 from fedpriv.settings import BackendSettings
 from fedpriv.strategies.hospital_ordered import HospitalOrdered
@@ -277,11 +285,19 @@ def check_backend(backend: BackendSettings) -> None:
 
 
 def run_federation(
-    server: ServerApp, client: ClientApp, num_clients: int, backend: BackendSettings, verbose: bool = False
+    server: ServerApp, client: ClientApp, num_clients: int, backend: BackendSettings, verbose: bool = False,
+    keep_warm: bool = False,
 ) -> None:
     """Run on Flower's simulation engine (Ray backend); Ray is shut down afterwards (an
     attached cluster keeps running: only this driver disconnects). `verbose`: Flower's DEBUG
     lines and the Ray workers' output reach the driver's log (else Ray logs warnings only).
+
+    `keep_warm` (the runs of a sweep): Ray and the hospitals' worker processes stay up after
+    the run, and the next run with the same backend settings takes them as they are — their
+    imports done, each data configuration and prior they built still in memory — instead of
+    starting new ones; `fedpriv.internals.release_flower_actors()` ends them (the sweep does
+    at exit). Each run's results are those it gives alone: hospitals seed everything from
+    (run seed, round, hospital) and keep their privacy state in the run's own directory.
 
     An exception raised by the ServerApp is re-raised here.
     """
@@ -291,8 +307,13 @@ def run_federation(
     # cluster happens to run on this machine (which ray.init() would join by default).
     init_args["address"] = backend.address or os.environ.get("RAY_ADDRESS") or "local"
     backend_config = {"client_resources": dict(backend.client_resources), "init_args": init_args}
+    key = json.dumps([backend_config, verbose], sort_keys=True, default=str)
+    kept = kept_flower_actors_key()
+    if kept is not None and (kept != key or not keep_warm):
+        release_flower_actors()  # another backend's workers, or a run that starts its own
+    warm = keep_flower_actors(key) if keep_warm else contextlib.nullcontext()
     try:
-        with warnings.catch_warnings(), swap_flower_message_queue():  # asks only nodes with a message
+        with warnings.catch_warnings(), swap_flower_message_queue(), warm:  # asks only nodes with a message
             # Ray's tip that it will stop hiding GPUs from workers that asked for none: fedpriv
             # picks each worker's device from backend.client_resources itself (fedpriv.devices).
             warnings.filterwarnings("ignore", message="Tip: In future versions of Ray", category=FutureWarning)
@@ -300,7 +321,10 @@ def run_federation(
                 server_app=server, client_app=client, num_supernodes=num_clients, backend_config=backend_config,
                 verbose_logging=verbose,
             )
+    except BaseException:
+        release_flower_actors()  # workers a failed run leaves are not handed to the next
+        raise
     finally:
-        if ray.is_initialized():
+        if not keep_warm and ray.is_initialized():
             ray.shutdown()
 

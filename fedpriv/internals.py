@@ -39,6 +39,12 @@ INTERNALS = (
         "vce_api.run_api when the engine starts: swap_flower_message_queue replaces it for a run",
     ),
     Internal(
+        "flwr", "flwr.server.superlink.fleet.vce.backend.raybackend.RayBackend",
+        "build(app_fn) creates `pool` (a BasicActorPool: idle actors in `pool.pool`, `num_actors`, "
+        "terminate_all_actors()) and sets `app_fn`; terminate() ends the pool and ray.shutdown(); "
+        "__init__ calls ray.init only when Ray is not initialized: keep_flower_actors",
+    ),
+    Internal(
         "flwr", "flwr.server.superlink.linkstate.in_memory_linkstate.InMemoryLinkState",
         "the simulation's LinkState: `message_ins_store` (id → Message, metadata.delivered_at '' until "
         "delivered) under `lock`, and get_message_ins(node_id=, limit=): nodes_with_undelivered_messages",
@@ -143,6 +149,52 @@ def swap_flower_message_queue() -> Iterator[None]:
         yield
     finally:
         vce_api.add_messages_to_queue = flower_sweep
+
+
+#: The Ray actor pool a finished simulation left for the next one of the same sweep: {"key", "pool"}.
+_KEPT_ACTORS: dict = {}
+
+
+@contextlib.contextmanager
+def keep_flower_actors(key: str) -> Iterator[None]:
+    """While inside (one simulation), Flower's Ray backend takes the actor pool a previous
+    simulation left under the same `key` (Ray and its worker processes already started, their
+    imports and per-process caches warm) instead of starting new actors, and leaves its own
+    pool and Ray running when it terminates. `release_flower_actors()` ends both."""
+    from flwr.server.superlink.fleet.vce.backend.raybackend import RayBackend
+
+    build, terminate = RayBackend.build, RayBackend.terminate
+
+    def reuse_or_build(backend, app_fn) -> None:
+        pool = _KEPT_ACTORS.get("pool")
+        if _KEPT_ACTORS.get("key") == key and pool is not None and len(pool.pool) == pool.num_actors > 0:
+            backend.pool, backend.app_fn = pool, app_fn  # every actor idle: the previous run ended cleanly
+            return
+        build(backend, app_fn)
+        _KEPT_ACTORS.update(key=key, pool=backend.pool)
+
+    RayBackend.build, RayBackend.terminate = reuse_or_build, lambda backend: None
+    try:
+        yield
+    finally:
+        RayBackend.build, RayBackend.terminate = build, terminate
+
+
+def kept_flower_actors_key() -> str | None:
+    """The key of the actor pool a previous simulation left running (None: none is)."""
+    return _KEPT_ACTORS.get("key")
+
+
+def release_flower_actors() -> None:
+    """End the kept actor pool and the Ray instance it runs in (nothing when none is kept)."""
+    import ray
+
+    pool = _KEPT_ACTORS.pop("pool", None)
+    _KEPT_ACTORS.pop("key", None)
+    if pool is not None:
+        pool.terminate_all_actors()
+    if ray.is_initialized():
+        ray.shutdown()
 
 
 def queue_pending_messages(state, queue, nodes_mapping, f_stop) -> None:

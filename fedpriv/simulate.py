@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import sys
@@ -10,6 +11,7 @@ from typing import NoReturn
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 from rich.console import Console
 from rich.markup import escape
@@ -185,8 +187,17 @@ def main(cfg: DictConfig) -> None:
             progress.console.print(describe_round(line, settings.rounds), highlight=False, soft_wrap=True)
             progress.update(task, advance=1, description="training" if line["round"] < settings.rounds else "final evaluation")
 
+        # the runs of a sweep (-m) share one Ray instance and its warm hospital workers, ended at exit
+        sweep = HydraConfig.get().mode == RunMode.MULTIRUN
+        if sweep:
+            from fedpriv.internals import release_flower_actors
+
+            atexit.unregister(release_flower_actors)
+            atexit.register(release_flower_actors)
         try:
-            summary = run_experiment(settings, run_dir, on_round, on_partition, overrides=list(HydraConfig.get().overrides.task))
+            summary = run_experiment(
+                settings, run_dir, on_round, on_partition, overrides=list(HydraConfig.get().overrides.task), keep_warm=sweep
+            )
         finally:
             if progress.live.is_started:  # (stopping one never started prints a blank line)
                 progress.stop()

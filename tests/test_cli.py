@@ -72,3 +72,31 @@ def _env():
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(FLWR_TELEMETRY_ENABLED="0", PYTHONPATH=str(ROOT), COLUMNS="120", PYTHONUNBUFFERED="1")
     return env
+
+
+def _lines(run_dir) -> list[dict]:
+    """A run's metrics lines without its timings."""
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in line.items() if "second" not in k} for line in lines]
+
+
+def test_a_sweep_reuses_its_workers_and_each_run_gives_what_it_gives_alone(tmp_path):
+    """The runs of `-m` share one Ray instance and its warm hospital workers (data, priors and
+    backbone outputs they built stay cached); each run's rounds, metrics and ε are those of
+    the same run started on its own."""
+    federation = [*QUIET_RUN, "num_clients=2", "privacy.delta=1e-3"]
+    swept = subprocess.run(
+        [sys.executable, "-m", "fedpriv", "simulate", "-m", "seed=0,1", *federation, f"hydra.sweep.dir={tmp_path / 'sweep'}"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600, env=_env(),
+    )
+    assert swept.returncode == 0, swept.stdout[-3000:]
+    alone = subprocess.run(
+        [sys.executable, "-m", "fedpriv", "simulate", "seed=1", *federation, f"hydra.run.dir={tmp_path / 'alone'}"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600, env=_env(),
+    )
+    assert alone.returncode == 0, alone.stdout[-3000:]
+    second, single = _lines(tmp_path / "sweep" / "1"), _lines(tmp_path / "alone")
+    assert len(second) == 2 and second == single
+    summaries = [json.loads((d / "summary.json").read_text()) for d in (tmp_path / "sweep" / "1", tmp_path / "alone")]
+    assert summaries[0]["test"] == summaries[1]["test"] and summaries[0]["privacy"] == summaries[1]["privacy"]
+    assert summaries[0]["privacy"]["max_epsilon"] > 0
