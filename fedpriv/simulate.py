@@ -11,7 +11,6 @@ from typing import NoReturn
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
 from omegaconf import DictConfig
 from rich.console import Console
 from rich.markup import escape
@@ -188,7 +187,7 @@ def main(cfg: DictConfig) -> None:
             progress.update(task, advance=1, description="training" if line["round"] < settings.rounds else "final evaluation")
 
         # the runs of a sweep (-m) share one Ray instance and its warm hospital workers, ended at exit
-        sweep = HydraConfig.get().mode == RunMode.MULTIRUN
+        sweep = HydraConfig.get().mode.name == "MULTIRUN"
         if sweep:
             from fedpriv.internals import release_flower_actors
 

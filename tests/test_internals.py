@@ -265,6 +265,20 @@ def _scattering() -> None:
     assert transform.state_dict() == {} and len(list(transform.buffers())) > 0  # filters rebuilt, not saved
 
 
+def _ray_backend() -> None:
+    from flwr.server.superlink.fleet.vce.backend.raybackend import RayBackend
+    from flwr.simulation.ray_transport.ray_actor import BasicActorPool
+
+    assert list(inspect.signature(RayBackend.build).parameters) == ["self", "app_fn"]
+    build = inspect.getsource(RayBackend.build)
+    assert "self.pool = BasicActorPool(" in build and "self.app_fn = app_fn" in build
+    assert "terminate_all_actors" in inspect.getsource(RayBackend.terminate)
+    assert "if not ray.is_initialized()" in inspect.getsource(RayBackend.init_ray)
+    assert "self.init_ray(" in inspect.getsource(RayBackend.__init__)
+    pool = inspect.getsource(BasicActorPool.__init__)
+    assert "self.pool: list" in pool and "self.num_actors = 0" in pool and callable(BasicActorPool.terminate_all_actors)
+
+
 def _ray_cpus() -> None:
     assert internals.local_ray_cpus() >= 1
 
@@ -272,6 +286,7 @@ def _ray_cpus() -> None:
 CHECKS = {
     "flwr.server.superlink.fleet.vce.vce_api.add_messages_to_queue": _message_sweep,
     "flwr.server.superlink.linkstate.in_memory_linkstate.InMemoryLinkState": _link_state,
+    "flwr.server.superlink.fleet.vce.backend.raybackend.RayBackend": _ray_backend,
     "flwr.serverapp.strategy.strategy_utils.sample_nodes": _node_sampling,
     "flwr.supercore.differential_privacy.add_gaussian_noise_inplace": _dp_noise,
     **{f"flwr.serverapp.strategy.{name}": _carries_only_its_listed_state(name) for name in STRATEGY_SETTINGS},
