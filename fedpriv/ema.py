@@ -10,10 +10,12 @@ import torch
 
 def update_average(average: dict[str, torch.Tensor] | None, weights: dict[str, torch.Tensor], decay: float) -> dict[str, torch.Tensor]:
     """decay·average + (1 − decay)·weights for floating-point entries (the first call copies
-    `weights`); integer entries (counters) take the newest value."""
+    `weights`); integer entries (counters) take the newest value. An entry equal to its average
+    (a frozen backbone) keeps it to the bit, where the float sum could move its last bit."""
     if average is None:
         return {k: v.detach().clone() for k, v in weights.items()}
     return {
-        k: decay * average[k] + (1 - decay) * v if v.is_floating_point() else v.detach().clone()
+        k: (average[k] if torch.equal(average[k], v) else decay * average[k] + (1 - decay) * v)
+        if v.is_floating_point() else v.detach().clone()
         for k, v in weights.items()
     }

@@ -314,6 +314,12 @@ def test_ema_update_copies_first_and_keeps_integer_entries_newest():
     assert average["w"].item() == pytest.approx(0.9 * 2 + 0.1 * 12) and average["n"].item() == 5
 
 
+def test_ema_keeps_an_entry_equal_to_its_average_to_the_bit():
+    frozen = torch.full((64,), 0.1) + torch.linspace(0, 1e-3, 64)
+    assert not torch.equal(0.6 * frozen + (1 - 0.6) * frozen, frozen)  # the float sum moves it
+    assert torch.equal(update_average({"w": frozen.clone()}, {"w": frozen.clone()}, 0.6)["w"], frozen)
+
+
 # --- external test folders -----------------------------------------------------------------
 
 
