@@ -171,11 +171,15 @@ class ScatteringCNN(SmallGroupNormCNN):
     transform (to within about 2 % after pooling; the CNN runs on all 8 views). The
     standardization (`feature_mean`, `feature_scale`: 0 and 1 until `fit_standardization`)
     centres every feature: without it DP-SGD spends its clipping budget on the features'
-    common offset. `forward_features`/`forward_head(pre_logits=True)` are the CNN's alone, so
-    a prior trains (and an embedding reads) the CNN as in fedpriv_cnn_small."""
+    common offset. `components` (None: every feature): the head reads only the standardized
+    features' first `components` principal components, whitened (`projection`, fit with the
+    standardization): DP-SGD's noise grows with the number of coefficients the head has, the
+    signal lives in a few directions. `forward_features`/`forward_head(pre_logits=True)` are
+    the CNN's alone, so a prior trains (and an embedding reads) the CNN as in fedpriv_cnn_small."""
 
     def __init__(self, in_chans: int = 1, num_classes: int = 1, widths=(32, 64, 128), stem_stride: int = 1,
-                 img_size: int = 64, scattering_scales: int = 2, scattering_angles: int = 8, scattering_grid: int = 4):
+                 img_size: int = 64, scattering_scales: int = 2, scattering_angles: int = 8, scattering_grid: int = 4,
+                 components: int | None = None):
         super().__init__(in_chans, num_classes, widths, stem_stride)
         if scattering_angles % 4:
             raise ValueError(f"scattering_angles={scattering_angles} must be a multiple of 4 (turns of 90° permute orientations)")
@@ -185,9 +189,14 @@ class ScatteringCNN(SmallGroupNormCNN):
         self.register_buffer("turn", turn, persistent=False)
         self.register_buffer("mirror", mirror, persistent=False)
         dims = widths[-1] + in_chans * len(turn) * scattering_grid**2
-        self.head = nn.Linear(dims, num_classes)
+        if components is not None and not 0 < components <= dims:
+            raise ValueError(f"components={components} must be between 1 and the {dims} features")
+        self.components = components
+        self.head = nn.Linear(components or dims, num_classes)
         self.register_buffer("feature_mean", torch.zeros(dims))
         self.register_buffer("feature_scale", torch.ones(dims))
+        if components is not None:  # the first `components` features until fit_standardization
+            self.register_buffer("projection", torch.eye(dims, components))
 
     def joint_features(self, x: torch.Tensor) -> torch.Tensor:
         """CNN and scattering features, each averaged over the 8 views, not yet standardized."""
@@ -203,13 +212,27 @@ class ScatteringCNN(SmallGroupNormCNN):
 
     @torch.no_grad()
     def fit_standardization(self, images: torch.Tensor, batch_size: int = 256) -> None:
-        """Set the standardization to the mean and standard deviation of these (normalized) images' features."""
+        """Set the standardization to the mean and standard deviation of these (normalized)
+        images' features, and the projection (with `components`) to their standardized
+        features' leading principal directions, each scaled to unit variance."""
         features = torch.cat([self.joint_features(images[i : i + batch_size]) for i in range(0, len(images), batch_size)])
         self.feature_mean.copy_(features.mean(0))
         self.feature_scale.copy_(features.std(0).clamp(min=1e-6))
+        if self.components is None:
+            return
+        if self.components >= len(images):
+            raise FedprivError(
+                f"model.kwargs.components={self.components} needs more than that many validation images to fit "
+                f"(there are {len(images)}); lower it"
+            )
+        standardized = (features - self.feature_mean) / self.feature_scale
+        _, spread, directions = torch.linalg.svd(standardized, full_matrices=False)
+        scale = spread[: self.components] / (len(images) - 1) ** 0.5
+        self.projection.copy_(directions[: self.components].T / scale.clamp(min=1e-6))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head((self.joint_features(x) - self.feature_mean) / self.feature_scale)
+        standardized = (self.joint_features(x) - self.feature_mean) / self.feature_scale
+        return self.head(standardized if self.components is None else standardized @ self.projection)
 
 
 @register_model

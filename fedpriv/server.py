@@ -63,6 +63,8 @@ def starting_point(settings: RunSettings, val: ImageRecords | None) -> tuple[dic
     model.load_state_dict(weights)
     model.eval().fit_standardization((torch.from_numpy(val.images) - 0.5) / 0.5)
     step = {"mechanism": "validation-standardization", "epsilon": 0.0, "source": "the server's validation split", "records": len(val)}
+    if getattr(model, "components", None) is not None:
+        step["components"] = model.components  # whitened principal components the head reads
     return model.state_dict(), [*steps, step]
 
 

@@ -1,5 +1,7 @@
 """The default model trains under Opacus with per-layer per-sample gradients that are exact."""
 
+import dataclasses
+
 import pytest
 import torch
 from opacus import GradSampleModule
@@ -111,6 +113,23 @@ def test_scattering_model_standardizes_its_features_and_keeps_the_statistics_in_
     rebuilt.load_state_dict(model.state_dict())  # the filters are rebuilt, the statistics travel
     assert torch.equal(rebuilt.feature_mean, model.feature_mean)
     assert not any(name.startswith("scattering.") for name in model.state_dict())
+
+
+def test_scattering_model_with_components_reads_whitened_principal_components_of_the_fit_images():
+    torch.manual_seed(0)
+    settings = dataclasses.replace(SCATTER, kwargs=(*SCATTER.kwargs, ("components", 8)))
+    model = build_model(settings, image_size=32).eval()
+    images = torch.rand(40, 1, 32, 32) * 2 - 1
+    model.fit_standardization(images)
+    with torch.no_grad():
+        projected = ((model.joint_features(images) - model.feature_mean) / model.feature_scale) @ model.projection
+    assert model.head.in_features == 8 and projected.shape == (40, 8)
+    assert torch.allclose(projected.T @ projected / 39, torch.eye(8), atol=1e-3)  # uncorrelated, unit variance
+    rebuilt = build_model(settings, image_size=32)
+    rebuilt.load_state_dict(model.state_dict())  # the projection travels with the weights
+    assert torch.equal(rebuilt.projection, model.projection)
+    with pytest.raises(FedprivError, match="model.kwargs.components=8 needs more than that many validation images"):
+        model.fit_standardization(images[:8])
 
 
 def test_scattering_model_trains_its_head_alone_under_opacus():
