@@ -20,13 +20,13 @@ shift || true
 # 3 hospitals: each takes 5 local steps a round (the centralized run takes 15), its momentum
 # restarting every round, so the head's rate is 3× the centralized one
 declare -A SETTING=([central]="num_clients=1" [federated]="num_clients=3 training.lr=0.3")
-CNN_ONLY="model=cnn_small training.lr=0.5"  # the recipe without scattering features (the head then reads 128 features)
+CNN_ONLY="model=cnn_small training.lr=0.5 data.augment=true rounds=10"  # the earlier recipe without scattering features (the head reads 128 features), as measured
 declare -A ABLATION=(
   [no_scattering]="$CNN_ONLY"                                 # the prior's CNN features alone
   [prior_none]="$CNN_ONLY prior=none"                         # no prior: random initialization
   [prior_phantom]="$CNN_ONLY prior=phantom"                   # supervised on the procedural phantom
   [no_freeze]="$CNN_ONLY training.freeze=none privacy.max_grad_norm=10 training.lr=0.02"   # every layer trains from round 1 (the from-scratch recipe's C and lr)
-  [transformer]="model=vit_hybrid_tiny training.lr=0.5 ~model.kwargs.stem_stride"  # the conv-stem ViT with its own prior and the CNN-only schedule
+  [transformer]="model=vit_hybrid_tiny training.lr=0.5 data.augment=true rounds=10 ~model.kwargs.stem_stride"  # the conv-stem ViT with its own prior and the CNN-only schedule
   [px32]="$CNN_ONLY data.image_size=32 model.kwargs.stem_stride=1"  # 32 px, stem at full resolution (the same cost)
 )
 for federation in ${FEDERATIONS-central federated}; do
